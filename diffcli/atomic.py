@@ -1,0 +1,80 @@
+"""Atomic file writes: a reader (or a crash) sees the old complete file or the new complete file.
+
+Write to a temporary file in the destination folder, fsync it, then publish it by rename
+(overwrite) or by hard link (exclusive create: fails if the name exists, even when two processes race).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from diffcli.errors import DiffcliError, OutputExistsError
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> bool:
+    """Write data to path atomically. With overwrite=False an existing file is kept and
+    OutputExistsError is raised (exit code 3). Returns True when written."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffcliError(f"cannot create folder {folder}: {e.strerror or e}") from e
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise DiffcliError(f"cannot write in {folder}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic exclusive create
+            except FileExistsError:
+                raise OutputExistsError(f"{path} exists; pass --overwrite to replace it or --skip-existing")
+            except OSError:
+                # file systems without hard links: best effort check-then-rename
+                if path.exists():
+                    raise OutputExistsError(f"{path} exists; pass --overwrite to replace it or --skip-existing")
+                os.replace(tmp, path)
+        _fsync_dir(folder)
+        return True
+    except OSError as e:
+        raise DiffcliError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line with a single write + fsync, so a line is either all there or absent
+    (readers of metrics.jsonl skip a trailing line without a newline)."""
+    data = (line.rstrip("\n") + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DiffcliError(f"cannot write {path}: {e.strerror or e}") from e

@@ -1,0 +1,265 @@
+"""Samplers: each an explicit loop over one NoiseSchedule, driven by any denoiser f(x, t, y).
+
+Legend (variable -> paper symbol):
+    ab_t, ab_prev   alpha_bar_t, alpha_bar_{t_prev}   (DDPM; alpha_bar_prev = 1 after the last step)
+    eps             epsilon_theta(x_t, t), the predicted noise
+    x0              x_0 hat, the predicted clean image (DDIM's "predicted x_0", Eq. 12)
+    v               v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (Salimans & Ho 2022)
+    sigma           DDIM's sigma_t(eta) (Song et al. 2021, Eq. 16)
+
+Every image gets its own CPU torch.Generator seeded with its own seed, and draws its initial noise and
+then each step's noise from it in order, so an image depends only on its seed (not on the batch it is
+in, the number of images around it, or the device).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from diffcli.errors import UsageError
+from diffcli.schedule import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+PREDICTIONS = ("epsilon", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned")
+SAMPLERS = ("ddim", "ddpm")
+
+
+# --------------------------------------------------------------------------------------------------
+# From the model output to (eps, x0)
+# --------------------------------------------------------------------------------------------------
+
+
+def _clip_value(clip_x0: float | bool | None) -> float | None:
+    if clip_x0 is None or clip_x0 is False:
+        return None
+    return 1.0 if clip_x0 is True else float(clip_x0)
+
+
+def predict_eps_x0(
+    x_t: torch.Tensor, model_output: torch.Tensor, ab_t: float, prediction: str, clip_x0: float | bool | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_hat, x0_hat) from the model's output at a step with alpha_bar_t = ab_t.
+
+    epsilon: x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)          (DDPM Eq. 15, DDIM Eq. 12)
+    v:       x0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v,  eps = sqrt(1 - ab_t) x_t + sqrt(ab_t) v
+    When x0 is clipped, eps is recomputed from the clipped x0 so that the update stays on the line
+    through x_t and x0 (as in the guided-diffusion reference implementation).
+    """
+    a, s = math.sqrt(ab_t), math.sqrt(1.0 - ab_t)
+    if prediction == "epsilon":
+        if a == 0.0:
+            raise UsageError("epsilon prediction cannot be sampled at alpha_bar = 0 (zero terminal SNR); use v")
+        eps = model_output
+        x0 = (x_t - s * eps) / a
+    elif prediction == "v":
+        x0 = a * x_t - s * model_output
+        eps = s * x_t + a * model_output
+    else:
+        raise UsageError(f"unknown prediction type {prediction!r}; choose epsilon or v")
+    c = _clip_value(clip_x0)
+    if c is not None:
+        x0 = x0.clamp(-c, c)
+        if s > 0:
+            eps = (x_t - a * x0) / s
+    return eps, x0
+
+
+def _split(x_t: torch.Tensor, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A learn_sigma model outputs 2C channels: (prediction, variance values)."""
+    C = x_t.shape[1]
+    if model_output.shape[1] == 2 * C:
+        return model_output[:, :C], model_output[:, C:]
+    return model_output, None
+
+
+# --------------------------------------------------------------------------------------------------
+# One step of each sampler
+# --------------------------------------------------------------------------------------------------
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    prediction: str = "epsilon",
+    clip_x0: float | bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM (Song et al. 2021, Eq. 12): t_prev = -1 means alpha_bar_prev = 1.
+
+    x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+    sigma  = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)   (Eq. 16)
+    """
+    out, _ = _split(x_t, model_output)
+    ab_t, ab_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    eps, x0 = predict_eps_x0(x_t, out, ab_t, prediction, clip_x0)
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t)) * math.sqrt(1 - ab_t / ab_prev) if eta > 0 else 0.0
+    x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+    if sigma > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise")
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+def ddpm_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    t: int,
+    t_prev: int,
+    noise: torch.Tensor | None = None,
+    prediction: str = "epsilon",
+    variance: str = "fixed_small",
+    clip_x0: float | bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDPM ancestral step from t to t_prev (any stride), t_prev = -1 meaning alpha_bar_prev = 1.
+
+    For a strided step the forward variance is recomputed: beta' = 1 - ab_t / ab_prev.
+    Posterior q(x_prev | x_t, x0) (DDPM Eqs. 6-7):
+        mean   = sqrt(ab_prev) beta' / (1 - ab_t) x0 + sqrt(1 - beta') (1 - ab_prev) / (1 - ab_t) x_t
+        var    = fixed_small: beta_tilde = (1 - ab_prev) / (1 - ab_t) beta';  fixed_large: beta'
+                 learned (Improved DDPM Eq. 15): exp(f log beta' + (1 - f) log beta_tilde), f = (v + 1) / 2
+    No noise is added on the last step (t_prev = -1), as DDPM Algorithm 2.
+    """
+    out, var_values = _split(x_t, model_output)
+    ab_t, ab_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    eps, x0 = predict_eps_x0(x_t, out, ab_t, prediction, clip_x0)
+    beta = 1 - ab_t / ab_prev
+    beta_tilde = (1 - ab_prev) / (1 - ab_t) * beta
+    mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x_t
+    if t_prev < 0:
+        return mean, x0
+    if noise is None:
+        raise ValueError("ddpm_step needs noise except on the last step")
+    if variance == "fixed_small":
+        std: torch.Tensor | float = math.sqrt(beta_tilde)
+    elif variance == "fixed_large":
+        std = math.sqrt(beta)
+    elif variance == "learned":
+        if var_values is None:
+            raise UsageError("variance 'learned' needs a model trained with learn_sigma")
+        frac = (var_values + 1) / 2
+        log_var = frac * math.log(beta) + (1 - frac) * math.log(max(beta_tilde, 1e-20))
+        std = torch.exp(0.5 * log_var)
+    else:
+        raise UsageError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    return mean + std * noise, x0
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifier-free guidance and per-image noise
+# --------------------------------------------------------------------------------------------------
+
+
+def guided(denoiser: Denoiser, guidance: float, null_label: int | None) -> Callable:
+    """f(x, t, y) with classifier-free guidance (Ho & Salimans 2022):
+    out = out_u + w (out_c - out_u), cond and uncond in one batched forward; w = 1 skips the uncond half.
+    For a learn_sigma model the variance half is the conditional one."""
+    if guidance == 1.0 or null_label is None:
+        return denoiser
+
+    def f(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        B, C = x.shape[:2]
+        y_null = torch.full_like(y, null_label)
+        out = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
+        cond, uncond = out[:B], out[B:]
+        pred = uncond[:, :C] + guidance * (cond[:, :C] - uncond[:, :C])
+        return pred if out.shape[1] == C else torch.cat([pred, cond[:, C:]], dim=1)
+
+    return f
+
+
+class ImageNoise:
+    """One CPU generator per image, seeded with that image's seed."""
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+        self.gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.shape, self.device, self.dtype = tuple(shape), device, dtype
+
+    def draw(self) -> torch.Tensor:
+        z = torch.stack([torch.randn(self.shape, generator=g) for g in self.gens])  # (B, C, H, W) fp32 CPU
+        return z.to(device=self.device, dtype=self.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampling loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (B, C, H, W), model space, about [-1, 1]
+    nfe: int  # model evaluations per image (a guided evaluation counts once)
+    timesteps: list[int]
+
+
+def sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    shape: tuple[int, int, int],
+    steps: int,
+    sampler: str = "ddim",
+    *,
+    seeds: Sequence[int] = (0,),
+    labels: torch.Tensor | None = None,
+    null_label: int | None = None,
+    guidance: float = 1.0,
+    prediction: str = "epsilon",
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    variance: str = "fixed_small",
+    clip_x0: float | bool | None = 1.0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, int], None] | None = None,
+) -> SampleResult:
+    """Turn per-image noise into images: one image per seed, shape (C, H, W) each.
+
+    labels: (B,) class indices (None: unconditional, the null class when the model has one).
+    callback(step_index, total_steps) is called after every step (for progress bars).
+    """
+    if sampler not in SAMPLERS:
+        from diffcli import ode
+
+        if sampler in ode.SAMPLERS:
+            return ode.sample(
+                denoiser, schedule, shape, steps, sampler, seeds=seeds, labels=labels, null_label=null_label,
+                guidance=guidance, prediction=prediction, spacing=spacing, clip_x0=clip_x0, device=device,
+                dtype=dtype, callback=callback,
+            )
+        raise UsageError(f"unknown sampler {sampler!r}")
+    device = torch.device(device)
+    B = len(seeds)
+    if labels is None and null_label is not None:
+        labels = torch.full((B,), null_label, dtype=torch.long)
+    if labels is not None:
+        labels = labels.to(device)
+    f = guided(denoiser, guidance, null_label)
+    noise = ImageNoise(seeds, shape, device, dtype)
+    ts = schedule.timesteps(steps, spacing).tolist()
+    x = noise.draw()  # x_T ~ N(0, I), also the first step's input when it is not t = T - 1
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        t_in = torch.full((B,), float(t), device=device, dtype=torch.float32)
+        out = f(x, t_in, labels)
+        if sampler == "ddim":
+            z = noise.draw() if eta > 0 else None
+            x, _ = ddim_step(schedule, x, out, t, t_prev, eta=eta, noise=z, prediction=prediction, clip_x0=clip_x0)
+        else:
+            z = noise.draw() if t_prev >= 0 else None
+            x, _ = ddpm_step(
+                schedule, x, out, t, t_prev, noise=z, prediction=prediction, variance=variance, clip_x0=clip_x0
+            )
+        if callback is not None:
+            callback(i + 1, len(ts))
+    return SampleResult(images=x, nfe=len(ts), timesteps=ts)
