@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, TypeVar
 import typer
 
 from diffcli import __version__
-from diffcli.errors import DiffcliError
+from diffcli.errors import DiffcliError, UsageError
 
 app = typer.Typer(
     name="diffcli",
@@ -69,7 +69,62 @@ def root(
 # --------------------------------------------------------------------------------------------------
 # inspect-schedule
 # --------------------------------------------------------------------------------------------------
-# (filled in below)
+
+
+@app.command("inspect-schedule")
+def inspect_schedule(
+    schedule: Optional[str] = typer.Option(
+        None, help="linear, scaled_linear, cosine or sigmoid.", show_default="linear"
+    ),
+    timesteps: Optional[int] = typer.Option(None, help="Number of diffusion timesteps T.", show_default="1000"),
+    beta_start: Optional[float] = typer.Option(None, help="First beta (linear, scaled_linear, sigmoid).", show_default="1e-4"),
+    beta_end: Optional[float] = typer.Option(None, help="Last beta (linear, scaled_linear, sigmoid).", show_default="0.02"),
+    zero_terminal_snr: bool = typer.Option(False, help="Rescale so that alpha_bar at t=T-1 is exactly 0."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Read the schedule stored in this model file."),
+    compare: Optional[str] = typer.Option(None, help="Schedules side by side, e.g. linear,cosine."),
+    steps: Optional[int] = typer.Option(None, help="Show the N timesteps a sampler with N steps visits."),
+    spacing: Optional[str] = typer.Option(
+        None, help="Spacing of those steps: leading, trailing or linspace.", show_default="trailing"
+    ),
+    rows: Optional[int] = typer.Option(
+        None, help="Show this many evenly spaced timesteps, t=0 and t=T-1 included.", show_default="11; every row with --json/--csv"
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON with every value at full precision."),
+    csv_out: bool = typer.Option(False, "--csv", help="Print CSV with every value at full precision."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw alpha_bar and log-SNR against t into this PNG."),
+    width: int = typer.Option(900, help="Width of the plot in pixels."),
+    height: int = typer.Option(600, help="Height of the plot in pixels."),
+    overwrite: bool = typer.Option(False, help="Replace the --plot file if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No messages on stderr."),
+) -> None:
+    """Show a noise schedule: beta, alpha_bar, SNR and sigma at chosen timesteps, as a table, JSON or CSV."""
+    from diffcli import inspect as core  # imports torch; keep `diffcli --help` fast
+
+    def build() -> "core.Inspection":
+        if json_out and csv_out:
+            raise UsageError("give either --json or --csv, not both")
+        schedules = core.load_schedules(
+            schedule, compare, timesteps, beta_start, beta_end, zero_terminal_snr, checkpoint
+        )
+        return core.choose_rows(schedules, rows, steps, spacing, every_row=json_out or csv_out)
+
+    inspection = run_core(build)
+    if plot is not None:
+        run_core(lambda: core.plot_schedules(inspection, plot, width, height, overwrite))
+        if not quiet:
+            print(f"wrote {plot} ({width}x{height})", file=sys.stderr)
+    if json_out:
+        print(core.to_json(inspection))
+    elif csv_out:
+        sys.stdout.write(core.to_csv(inspection))
+    else:
+        from rich.console import Console
+
+        print(core.heading(inspection))
+        for table in core.tables(inspection):
+            Console().print(table)
+        for s in inspection.schedules:
+            print(core.summary(s))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,10 +133,57 @@ def root(
 
 
 @app.command()
-def sample() -> None:
-    """Turn noise into PNGs with a trained model (not yet available)."""
-    _err("`diffcli sample` is not available yet")
-    raise typer.Exit(1)
+def sample(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model file (.safetensors). Default: the model shipped in weights/."),
+    steps: int = typer.Option(50, "--steps", "-s", help="Sampling steps."),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddim, ddpm, euler, euler_a, heun or dpm++2m."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta: 0 deterministic, 1 DDPM-like."),
+    spacing: str = typer.Option("trailing", "--spacing", help="Timestep spacing: trailing, leading or linspace."),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Step schedule for the ODE samplers: 'karras'."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="Images to make. Default: one per class (16 for an unconditional model)."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward batch."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; image i gets seed+i. Random (and printed) when omitted."),
+    classes: List[str] = typer.Option([], "--class", help="Class index or name; repeatable; 'all' cycles through the classes."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Classifier-free guidance scale (1 = off). Default: the model file's."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder."),
+    name: str = typer.Option("{seed}-{index:04d}.png", "--name", help="File name template; fields {seed} {index} {class} {steps} {sampler}."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Grid PNG of all images. Default: OUT/grid-SEED.png."),
+    no_grid: bool = typer.Option(False, "--no-grid", help="Do not write a grid."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Keep existing files and make only the missing ones."),
+    no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed generation parameters in the PNGs."),
+    no_clip: bool = typer.Option(False, "--no-clip", help="Do not clip the predicted x0 to [-1, 1]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
+) -> None:
+    """Turn noise into PNGs with a trained model."""
+    import json
+
+    from diffcli import generate
+    from diffcli.progress import Progress
+
+    opts = generate.SampleOptions(
+        checkpoint=str(checkpoint) if checkpoint else None, steps=steps, sampler=sampler, eta=eta, spacing=spacing,
+        sigmas=sigmas, num_images=num_images, batch_size=batch_size, seed=seed, classes=list(classes),
+        guidance=guidance, out=str(out), name=name, grid=str(grid) if grid else None, no_grid=no_grid,
+        overwrite=overwrite, skip_existing=skip_existing, metadata=not no_metadata, device=device,
+        threads=threads, precision=precision, clip_x0=not no_clip,
+    )
+
+    def job() -> None:
+        with Progress("sampling", quiet=quiet) as bar:
+            for rec in generate.run(opts, progress=bar.update, log=bar.log):
+                if json_out:
+                    print(json.dumps(rec), flush=True)
+                elif "grid" in rec:
+                    print(rec["grid"], flush=True)
+                elif not rec.get("skipped"):
+                    print(rec["path"], flush=True)
+
+    run_core(job)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,10 +192,91 @@ def sample() -> None:
 
 
 @app.command()
-def train() -> None:
-    """Train a diffusion transformer on a folder of images (not yet available)."""
-    _err("`diffcli train` is not available yet")
-    raise typer.Exit(1)
+def train(
+    data_dir: Path = typer.Argument(..., help="Folder of images; class subfolders give a class-conditional model."),
+    out: Path = typer.Option(Path("runs/default"), "--out", "-o", help="Run folder (config, metrics, previews, checkpoints, model file)."),
+    model: str = typer.Option("DiT-M/4", "--model", "-m", help="Preset: DiT-{T,XS,M,S,B,L,XL}/{2,4,8}."),
+    long_skip: bool = typer.Option(False, "--long-skip", help="U-ViT long skip connections between shallow and deep blocks."),
+    learn_sigma: bool = typer.Option(False, "--learn-sigma", help="Learn the variance too (Improved DDPM hybrid loss)."),
+    resolution: str = typer.Option("32", "--resolution", "-r", help="Training size: 32 or HxW such as 32x48."),
+    channels: str = typer.Option("auto", "--channels", help="auto (1 if every image is grayscale), 1 or 3."),
+    crop: str = typer.Option("center", "--crop", help="center or random."),
+    flip: bool = typer.Option(False, "--flip", help="Random horizontal flips."),
+    unconditional: bool = typer.Option(False, "--unconditional", help="Ignore class subfolders."),
+    steps: int = typer.Option(10000, "--steps", help="Optimizer steps in total (a resumed run continues to this)."),
+    batch_size: int = typer.Option(128, "--batch-size", "-b", help="Global batch size (split across processes)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="After warm-up: constant or cosine."),
+    warmup_steps: int = typer.Option(200, "--warmup-steps"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0 disables)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
+    ema_decay: float = typer.Option(0.999, "--ema-decay"),
+    schedule: str = typer.Option("cosine", "--schedule", help="linear, scaled_linear, cosine or sigmoid."),
+    timesteps: int = typer.Option(1000, "--timesteps"),
+    beta_start: float = typer.Option(1e-4, "--beta-start"),
+    beta_end: float = typer.Option(0.02, "--beta-end"),
+    zero_terminal_snr: bool = typer.Option(False, "--zero-terminal-snr"),
+    prediction: str = typer.Option("v", "--prediction", help="epsilon or v."),
+    class_dropout: float = typer.Option(0.1, "--class-dropout", help="Label dropout for classifier-free guidance."),
+    min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", help="Min-SNR loss weighting gamma (0 disables)."),
+    timestep_sampling: str = typer.Option("uniform", "--timestep-sampling", help="uniform or logit-normal."),
+    guidance: float = typer.Option(2.0, "--guidance", help="Default CFG scale stored in the model file (previews use it)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Image decoding threads (0: automatic)."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every"),
+    keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints to keep."),
+    sample_every: int = typer.Option(1000, "--sample-every", help="Preview grid every N steps and at the end (0: never)."),
+    log_every: int = typer.Option(50, "--log-every"),
+    resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events (needs tensorboard)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
+) -> None:
+    """Train a diffusion transformer on a folder of images."""
+    import json
+
+    from diffcli.progress import Progress
+    from diffcli.train import TrainConfig, train as train_core
+
+    cfg = TrainConfig(
+        data_dir=str(data_dir), out=str(out), model=model, long_skip=long_skip, learn_sigma=learn_sigma,
+        resolution=resolution, channels=channels, crop=crop, flip=flip, unconditional=unconditional, steps=steps,
+        batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, grad_accum=grad_accum, ema_decay=ema_decay,
+        schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
+        zero_terminal_snr=zero_terminal_snr, prediction=prediction, class_dropout=class_dropout,
+        min_snr_gamma=min_snr_gamma, timestep_sampling=timestep_sampling, guidance=guidance,
+        precision=precision, compile=compile_, seed=seed, device=device, num_workers=num_workers,
+        checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
+        resume=resume, tensorboard=tensorboard,
+    )
+
+    def job() -> None:
+        if threads is not None:
+            if threads < 1:
+                from diffcli.errors import UsageError
+
+                raise UsageError(f"--threads must be >= 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
+        with Progress("training", quiet=quiet) as bar:
+            result = train_core(cfg, log=bar.log, progress=bar.update,
+                                decode_progress=lambda i, n: bar.update(i, n, "decoding images"))
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if json_out:
+            print(json.dumps(result.to_dict()))
+        else:
+            print(f"model: {result.model_path}\nrun: {result.run_dir}\nsteps: {result.steps}  "
+                  f"loss: {result.final_loss:.4f}  {result.images_per_second:.0f} img/s  {result.seconds:.0f} s")
+
+    run_core(job)
 
 
 def main() -> None:

@@ -1,0 +1,235 @@
+"""Image folder -> cached uint8 tensor + labels + class names.
+
+Folder convention (torchvision's ImageFolder): if DATA_DIR has subfolders holding images, each
+subfolder (sorted by name) is a class; otherwise the folder is one unconditional set. Images are
+found recursively; hidden files and folders are skipped; extensions are matched case-insensitively.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from diffcli.errors import InputError, UsageError
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+MAX_PIXELS = 80_000_000  # larger images (decompression bombs) are refused before decoding
+RANDOM_CROP_MARGIN = 1.125  # --crop random: cache at 1.125x the target, crop a random window per step
+
+
+@dataclass
+class ImageSet:
+    """Decoded images in memory: pixels (N, C, H', W') uint8 and labels (N,) int64."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    files: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.class_names)
+
+    def summary(self) -> dict:
+        counts = torch.bincount(self.labels, minlength=max(1, len(self.class_names))).tolist()
+        return {
+            "images": len(self.files),
+            "channels": int(self.pixels.shape[1]),
+            "classes": self.class_names,
+            "class_counts": counts if self.class_names else [],
+            "skipped": len(self.skipped),
+        }
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'32' -> (32, 32); '32x48' -> (H=32, W=48)."""
+    parts = str(text).lower().split("x")
+    try:
+        hw = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--resolution must look like 32 or 32x48, got {text!r}") from None
+    if len(hw) == 1:
+        hw = hw * 2
+    if len(hw) != 2 or min(hw) < 1 or max(hw) > 4096:
+        raise UsageError(f"--resolution must be between 1 and 4096 per side, got {text!r}")
+    return hw[0], hw[1]
+
+
+def _visible(p: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def find_images(root: str | Path, unconditional: bool = False) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class_names); class_names is empty for an unconditional set."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise InputError(f"not a folder: {root}")
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file() and _visible(p, root)
+    )
+    subdirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    if unconditional or not subdirs:
+        return files, [0] * len(files), []
+    files = [p for p in files if len(p.relative_to(root).parts) > 1]  # loose files at the top are not a class
+    index = {name: i for i, name in enumerate(subdirs)}
+    return files, [index[p.relative_to(root).parts[0]] for p in files], subdirs
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open one image as RGB (first frame, EXIF orientation applied, alpha composited on white,
+    16-bit scaled to 8-bit). Raises ValueError with a reason for anything unusable."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(f"too large ({w}x{h} pixels, limit {MAX_PIXELS})")
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                # 16-bit grayscale: scale 0..65535 to 0..255 (PIL's convert would clip instead)
+                im = im.point(lambda v: v * (1 / 257)).convert("L")
+            elif im.mode == "F":
+                im = im.convert("L")
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            return im.convert("RGB")
+    except ValueError:
+        raise
+    except Image.DecompressionBombError:
+        raise ValueError("too large (decompression bomb)") from None
+    except Exception as e:  # PIL raises many types for unreadable/truncated files
+        raise ValueError(f"unreadable ({type(e).__name__})") from None
+
+
+def resize_crop(im: Image.Image, H: int, W: int, margin: float = 1.0) -> Image.Image:
+    """Resize so the image covers (H*margin, W*margin), then center-crop to that box."""
+    th, tw = round(H * margin), round(W * margin)
+    scale = max(th / im.height, tw / im.width)
+    nh, nw = max(th, round(im.height * scale)), max(tw, round(im.width * scale))
+    im = im.resize((nw, nh), Image.LANCZOS if scale < 1 else Image.BICUBIC)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return im.crop((left, top, left + tw, top + th))
+
+
+def _decode(path: Path, H: int, W: int, margin: float) -> torch.Tensor:
+    im = resize_crop(load_rgb(path), H, W, margin)
+    data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.reshape(im.height, im.width, 3).permute(2, 0, 1).contiguous()  # (3, h, w)
+
+
+def fingerprint(files: list[Path], labels: list[int], settings: str) -> str:
+    h = hashlib.sha256(settings.encode())
+    for f, y in zip(files, labels):
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode())
+    return h.hexdigest()
+
+
+def load_folder(
+    root: str | Path,
+    resolution: tuple[int, int],
+    channels: str = "auto",
+    crop: str = "center",
+    unconditional: bool = False,
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    cache_path: str | Path | None = None,
+) -> ImageSet:
+    """Find, decode, resize and cache every image. InputError (exit 4) when nothing usable is found."""
+    if channels not in ("auto", "1", "3"):
+        raise UsageError(f"--channels must be auto, 1 or 3, got {channels!r}")
+    if crop not in ("center", "random"):
+        raise UsageError(f"--crop must be center or random, got {crop!r}")
+    H, W = resolution
+    margin = RANDOM_CROP_MARGIN if crop == "random" else 1.0
+    files, labels, names = find_images(root, unconditional)
+    if not files:
+        raise InputError(f"no images found in {root} (looked for {', '.join(sorted(EXTENSIONS))})")
+    key = fingerprint(files, labels, f"{H}x{W}|{channels}|{margin}|{names}")
+    if cache_path is not None:
+        cached = _read_cache(cache_path, key)
+        if cached is not None:
+            return cached
+    workers = workers or min(8, os.cpu_count() or 1)
+    results: list[torch.Tensor | None] = [None] * len(files)
+    skipped: list[tuple[str, str]] = []
+
+    def work(i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return i, _decode(files[i], H, W, margin), ""
+        except ValueError as e:
+            return i, None, str(e)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, (i, t, why) in enumerate(pool.map(work, range(len(files))), 1):
+            results[i] = t
+            if t is None:
+                skipped.append((str(files[i]), why))
+            if progress:
+                progress(done, len(files))
+    keep = [i for i, t in enumerate(results) if t is not None]
+    if not keep:
+        raise InputError(f"no readable images in {root} ({len(files)} files, all unreadable)")
+    pixels = torch.stack([results[i] for i in keep])  # (N, 3, h, w)
+    gray = bool((pixels[:, 0] == pixels[:, 1]).all() and (pixels[:, 1] == pixels[:, 2]).all())
+    if channels == "1" or (channels == "auto" and gray):
+        if gray:
+            pixels = pixels[:, :1].contiguous()
+        else:  # ITU-R 601 luma, as PIL's convert("L")
+            p = pixels.float()
+            pixels = (p[:, 0] * 0.299 + p[:, 1] * 0.587 + p[:, 2] * 0.114).round().clamp(0, 255).to(torch.uint8)[:, None]
+    out = ImageSet(
+        pixels=pixels,
+        labels=torch.tensor([labels[i] for i in keep], dtype=torch.long),
+        class_names=names,
+        files=[str(files[i]) for i in keep],
+        skipped=skipped,
+    )
+    if names:
+        empty = [n for n, c in zip(names, out.summary()["class_counts"]) if c == 0]
+        if empty:
+            raise InputError(f"class folders without readable images: {', '.join(empty[:5])}")
+    if cache_path is not None:
+        _write_cache(cache_path, key, out)
+    return out
+
+
+def _write_cache(path: str | Path, key: str, s: ImageSet) -> None:
+    from diffcli import checkpoint
+
+    meta = {"key": key, "class_names": s.class_names, "files": s.files, "skipped": s.skipped}
+    checkpoint.write(path, {"pixels": s.pixels, "labels": s.labels}, meta, "diffcli.datacache")
+
+
+def _read_cache(path: str | Path, key: str) -> ImageSet | None:
+    from diffcli import checkpoint
+
+    if not Path(path).exists():
+        return None
+    try:
+        tensors, meta, _ = checkpoint.read(path, "diffcli.datacache", "data cache")
+        if meta.get("key") != key:
+            return None
+        return ImageSet(
+            pixels=tensors["pixels"],
+            labels=tensors["labels"],
+            class_names=checkpoint.meta_json(meta, "class_names", path),
+            files=checkpoint.meta_json(meta, "files", path),
+            skipped=[tuple(x) for x in checkpoint.meta_json(meta, "skipped", path)],
+        )
+    except (InputError, KeyError):
+        return None  # a stale or damaged cache is rebuilt, never trusted

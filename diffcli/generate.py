@@ -1,0 +1,355 @@
+"""The `sample` job: a model file and options -> PNG files (and a grid), one record per image."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from diffcli import __version__
+from diffcli.checkpoint import ModelFile, load_model
+from diffcli.errors import InputError, OutputExistsError, UsageError
+from diffcli.images import generation_text, make_grid, save_png, to_pil, to_uint8
+from diffcli.samplers import SAMPLERS, sample
+
+DEFAULT_NAME = "{seed}-{index:04d}.png"
+NAME_FIELDS = {"seed", "index", "class", "steps", "sampler"}
+DEFAULT_WEIGHTS = "diffcli-mnist.safetensors"
+
+
+def all_sampler_names() -> tuple[str, ...]:
+    from diffcli import ode
+
+    return SAMPLERS + ode.SAMPLERS
+
+
+def default_checkpoint() -> Path:
+    """$DIFFCLI_WEIGHTS, else the model shipped in the repository's weights/ folder."""
+    env = os.environ.get("DIFFCLI_WEIGHTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "weights" / DEFAULT_WEIGHTS
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and precision
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps was asked for but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """auto: fp32 on CPU (bf16 matmuls run ~100x slower on plain CPUs), bf16 on a GPU that has it."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in table:
+        raise UsageError(f"unknown precision {name!r}; choose auto, fp32, bf16 or fp16")
+    return table[name]
+
+
+def autocast_denoiser(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Callable:
+    """The model as f(x, t, y) in fp32 outside; inside, autocast when a lower precision is asked."""
+    if dtype == torch.float32:
+        return model
+
+    def f(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            return model(x, t, y).float()
+
+    return f
+
+
+# --------------------------------------------------------------------------------------------------
+# Options, classes and names
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleOptions:
+    checkpoint: str | None = None
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    spacing: str = "trailing"
+    num_images: int | None = None  # default: one per class (conditional) or 16
+    batch_size: int = 16
+    seed: int | None = None
+    classes: list[str] = field(default_factory=list)
+    guidance: float | None = None  # default: the model file's, else 1.0
+    out: str = "samples"
+    name: str = DEFAULT_NAME
+    grid: str | None = None  # default: OUT/grid-{seed}.png
+    no_grid: bool = False
+    overwrite: bool = False
+    skip_existing: bool = False
+    metadata: bool = True
+    device: str = "auto"
+    threads: int | None = None
+    precision: str = "auto"
+    clip_x0: bool = True
+    sigmas: str | None = None  # ODE samplers: None (the --spacing timesteps) or "karras"
+
+
+def resolve_classes(tokens: list[str], mf: ModelFile, n: int) -> list[int | None]:
+    """The class index of each of the n images; `all` (the default for a conditional model) cycles."""
+    names = mf.class_names
+    if not names:
+        if tokens:
+            raise UsageError("--class was given but this model is unconditional (it has no classes)")
+        return [None] * n
+    if not tokens or tokens == ["all"]:
+        return [i % len(names) for i in range(n)]
+    picked: list[int] = []
+    for tok in tokens:
+        if tok == "all":
+            picked.extend(range(len(names)))
+        elif tok in names:
+            picked.append(names.index(tok))
+        elif tok.lstrip("-").isdigit():
+            i = int(tok)
+            if not 0 <= i < len(names):
+                raise UsageError(f"class {i} is out of range: this model has classes 0..{len(names) - 1}")
+            picked.append(i)
+        else:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise UsageError(f"unknown class {tok!r}; this model's classes are: {shown}")
+    return [picked[i % len(picked)] for i in range(n)]
+
+
+def check_template(template: str) -> None:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise UsageError(f"bad --name template {template!r}: {e}") from None
+    for _, fld, _, _ in parsed:
+        if fld is not None and fld.split(".")[0].split("[")[0] not in NAME_FIELDS:
+            raise UsageError(f"unknown field {{{fld}}} in --name; use {', '.join(sorted(NAME_FIELDS))}")
+    if os.path.isabs(template) or template.startswith("~"):
+        raise UsageError(f"--name must be a file name inside --out, not an absolute path: {template!r}")
+
+
+def render_name(template: str, out: Path, fields_: dict[str, Any]) -> Path:
+    try:
+        name = template.format(**fields_)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"bad --name template {template!r}: {e}") from None
+    path = (out / name).resolve()
+    if path != out.resolve() and out.resolve() not in path.parents:
+        raise UsageError(f"--name {template!r} would write outside the output folder: {name}")
+    if not name or name.endswith(("/", os.sep)):
+        raise UsageError(f"--name {template!r} gives an empty file name")
+    return out / name
+
+
+def grid_layout(classes: list[int | None], num_classes: int) -> tuple[list[int], int]:
+    """Order and column count for the grid: one row per class when the images cycle through all
+    classes, otherwise a near-square grid in image order."""
+    n = len(classes)
+    if num_classes and n >= num_classes and all(c == i % num_classes for i, c in enumerate(classes)):
+        cols = math.ceil(n / num_classes)
+        order = [r + c * num_classes for r in range(num_classes) for c in range(cols)]
+        return [i for i in order if i < n], cols
+    return list(range(n)), math.ceil(math.sqrt(n))
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    mf: ModelFile
+    seeds: list[int]
+    classes: list[int | None]
+    paths: list[Path]
+    grid: Path | None
+    guidance: float
+    base_seed: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def plan(opts: SampleOptions) -> Plan:
+    """Validate everything and decide every output name before any compute or write."""
+    if opts.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {opts.steps}")
+    if not 0 <= opts.eta <= 1 or math.isnan(opts.eta):
+        raise UsageError(f"--eta must be in [0, 1], got {opts.eta}")
+    if opts.guidance is not None and (not math.isfinite(opts.guidance) or opts.guidance < 0):
+        raise UsageError(f"--guidance must be >= 0, got {opts.guidance}")
+    if opts.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.num_images is not None and opts.num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {opts.num_images}")
+    if opts.threads is not None and opts.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {opts.threads}")
+    if opts.sampler not in all_sampler_names():
+        raise UsageError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(all_sampler_names())}")
+    if opts.overwrite and opts.skip_existing:
+        raise UsageError("--overwrite and --skip-existing exclude each other")
+    if opts.seed is not None and not 0 <= opts.seed < 2**63 - 2**32:
+        raise UsageError(f"--seed must be in [0, 2^63 - 2^32), got {opts.seed}")
+    check_template(opts.name)
+    device = resolve_device(opts.device)
+    dtype = resolve_precision(opts.precision, device)
+
+    ckpt = Path(opts.checkpoint) if opts.checkpoint else default_checkpoint()
+    if opts.checkpoint is None and not ckpt.exists():
+        raise InputError(f"no --checkpoint given and the default model {ckpt} is missing")
+    mf = load_model(ckpt, device)
+    if opts.steps > mf.schedule.num_timesteps:
+        raise UsageError(f"--steps must be at most the model's {mf.schedule.num_timesteps} timesteps")
+    n = opts.num_images or (len(mf.class_names) or 16)
+    classes = resolve_classes(opts.classes, mf, n)
+    base = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
+    seeds = [base + i for i in range(n)]  # image i's own seed: `--seed s+i -n 1` reproduces it alone
+    guidance = opts.guidance if opts.guidance is not None else float(mf.sampling.get("guidance", 1.0))
+    if not mf.class_names:
+        guidance = 1.0 if opts.guidance is None else guidance
+    out = Path(opts.out)
+    paths = []
+    for i, (s, c) in enumerate(zip(seeds, classes)):
+        cname = mf.class_names[c] if c is not None else "uncond"
+        paths.append(render_name(opts.name, out, {"seed": s, "index": i, "class": cname, "steps": opts.steps, "sampler": opts.sampler}))
+    if len(set(paths)) != len(paths):
+        raise UsageError(f"--name {opts.name!r} gives the same file name to several images; add {{index}} or {{seed}}")
+    grid = None
+    if not opts.no_grid:
+        grid = Path(opts.grid) if opts.grid else out / f"grid-{base}.png"
+        if grid in paths:
+            raise UsageError(f"the grid {grid} would overwrite one of the images")
+    if not opts.overwrite:
+        existing = [p for p in paths if p.exists()]
+        if grid is not None and grid.exists() and not opts.skip_existing:
+            existing.append(grid)
+        if existing and not opts.skip_existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise OutputExistsError(f"{existing[0]} exists{more}; pass --overwrite or --skip-existing")
+    return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype)
+
+
+def run(
+    opts: SampleOptions,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Sample and write; yields one record per image as it is written (or skipped), then the grid."""
+    p = plan(opts)
+    if log:
+        how = "given" if opts.seed is not None else "random"
+        log(f"model {p.mf.path} ({p.mf.model_hash}); seed {p.base_seed} ({how}); {len(p.seeds)} images, "
+            f"{opts.sampler} {opts.steps} steps, guidance {p.guidance:g}, {p.device.type}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    mf, cfg = p.mf, p.mf.config
+    shape = (cfg.in_channels, cfg.image_height, cfg.image_width)
+    denoiser = autocast_denoiser(mf.model, p.device, p.dtype)
+    null = mf.model.null_class if cfg.num_classes else None
+    todo = [i for i in range(len(p.seeds)) if not (opts.skip_existing and p.paths[i].exists())]
+    total_steps = len(todo) * opts.steps
+    done_steps = 0
+    pixels: dict[int, torch.Tensor] = {}
+    common = {
+        "steps": opts.steps, "sampler": opts.sampler, "guidance": p.guidance, "spacing": opts.spacing,
+        "width": cfg.image_width, "height": cfg.image_height, "model_hash": mf.model_hash,
+        "diffcli_version": __version__,
+    }
+    if opts.sampler == "ddim":
+        common["eta"] = opts.eta
+    for i in range(len(p.seeds)):
+        if i not in todo:
+            yield {"path": str(p.paths[i]), "index": i, "seed": p.seeds[i], "skipped": True}
+    with torch.inference_mode():
+        for start in range(0, len(todo), opts.batch_size):
+            idx = todo[start : start + opts.batch_size]
+            labels = None
+            if null is not None:
+                labels = torch.tensor([p.classes[i] for i in idx], dtype=torch.long)
+            t0 = time.perf_counter()
+
+            def cb(step: int, total: int, _base: int = done_steps, _k: int = len(idx)) -> None:
+                if progress:
+                    progress(_base + step * _k, total_steps)
+
+            res = sample(
+                denoiser, mf.schedule, shape, opts.steps, opts.sampler, seeds=[p.seeds[i] for i in idx],
+                labels=labels, null_label=null, guidance=p.guidance, prediction=mf.prediction, eta=opts.eta,
+                spacing=opts.spacing, clip_x0=1.0 if opts.clip_x0 else None, device=p.device, callback=cb,
+                **({"sigmas": opts.sigmas} if opts.sigmas else {}),
+            )
+            done_steps += opts.steps * len(idx)
+            seconds = (time.perf_counter() - t0) / len(idx)
+            imgs = to_uint8(res.images)
+            for j, i in enumerate(idx):
+                c = p.classes[i]
+                rec = {
+                    **common, "path": str(p.paths[i]), "index": i, "seed": p.seeds[i],
+                    "class": mf.class_names[c] if c is not None else None, "nfe": res.nfe,
+                }
+                text = generation_text({k: v for k, v in rec.items() if k not in ("path", "index")}) if opts.metadata else None
+                try:
+                    save_png(p.paths[i], to_pil(imgs[j]), text, overwrite=opts.overwrite)
+                except OutputExistsError:
+                    if not opts.skip_existing:
+                        raise
+                    yield {"path": str(p.paths[i]), "index": i, "seed": p.seeds[i], "skipped": True}
+                    continue
+                pixels[i] = imgs[j]
+                yield {**rec, "seconds": round(seconds, 4), "skipped": False}
+    if p.grid is not None:
+        yield write_grid(p, pixels, opts)
+
+
+def write_grid(p: Plan, pixels: dict[int, torch.Tensor], opts: SampleOptions) -> dict[str, Any]:
+    from PIL import Image
+
+    cfg = p.mf.config
+    cells = []
+    for i, path in enumerate(p.paths):
+        if i in pixels:
+            cells.append(pixels[i])
+            continue
+        try:  # skipped: an earlier run wrote it
+            with Image.open(path) as im:
+                im = im.convert("L" if cfg.in_channels == 1 else "RGB")
+                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            cells.append(data.reshape(cfg.image_height, cfg.image_width, cfg.in_channels))
+        except Exception:
+            cells.append(torch.zeros(cfg.image_height, cfg.image_width, cfg.in_channels, dtype=torch.uint8))
+    order, cols = grid_layout(p.classes, cfg.num_classes)
+    grid = make_grid(torch.stack([cells[i] for i in order]), ncols=cols)
+    img = to_pil(grid)
+    scale = max(1, 64 // max(1, min(cfg.image_height, cfg.image_width)))  # small images: cells >= 64 px
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    text = None
+    if opts.metadata:
+        text = generation_text({"grid": True, "seed": p.base_seed, "steps": opts.steps, "sampler": opts.sampler,
+                                "guidance": p.guidance, "model_hash": p.mf.model_hash, "images": len(cells)})
+    save_png(p.grid, img, text, overwrite=opts.overwrite or opts.skip_existing)
+    return {"grid": str(p.grid), "images": len(cells)}

@@ -1,0 +1,3 @@
+"""ODE samplers in sigma space (Karras et al. 2022; DPM-Solver++, Lu et al. 2022)."""
+
+SAMPLERS: tuple[str, ...] = ()
