@@ -79,7 +79,7 @@ def inspect_schedule(
     timesteps: Optional[int] = typer.Option(None, help="Number of diffusion timesteps T.", show_default="1000"),
     beta_start: Optional[float] = typer.Option(None, help="First beta (linear, scaled_linear, sigmoid).", show_default="1e-4"),
     beta_end: Optional[float] = typer.Option(None, help="Last beta (linear, scaled_linear, sigmoid).", show_default="0.02"),
-    zero_terminal_snr: bool = typer.Option(False, help="Rescale so that alpha_bar at t=T-1 is exactly 0."),
+    zero_terminal_snr: bool = typer.Option(False, "--zero-terminal-snr", help="Rescale so that alpha_bar at t=T-1 is exactly 0."),
     checkpoint: Optional[Path] = typer.Option(None, help="Read the schedule stored in this model file."),
     compare: Optional[str] = typer.Option(None, help="Schedules side by side, e.g. linear,cosine."),
     steps: Optional[int] = typer.Option(None, help="Show the N timesteps a sampler with N steps visits."),
@@ -94,7 +94,7 @@ def inspect_schedule(
     plot: Optional[Path] = typer.Option(None, help="Also draw alpha_bar and log-SNR against t into this PNG."),
     width: int = typer.Option(900, help="Width of the plot in pixels."),
     height: int = typer.Option(600, help="Height of the plot in pixels."),
-    overwrite: bool = typer.Option(False, help="Replace the --plot file if it exists."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --plot file if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No messages on stderr."),
 ) -> None:
     """Show a noise schedule: beta, alpha_bar, SNR and sigma at chosen timesteps, as a table, JSON or CSV."""

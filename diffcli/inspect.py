@@ -22,11 +22,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from diffcli import plot
-from diffcli.errors import UsageError
+from diffcli import images, plot
+from diffcli.errors import OutputExistsError, UsageError
 from diffcli.schedule import NoiseSchedule, ScheduleSpec
 
 TABLE_ROWS = 11  # rows of the table when neither --rows nor --steps is given
+DB = 10 / math.log(10)  # 10 log10(x) = DB * ln(x): log-SNR in decibels
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def load_schedules(
         given = [schedule, compare, num_timesteps, beta_start, beta_end, zero_terminal_snr or None]
         if any(v is not None for v in given):
             raise UsageError("--checkpoint reads the schedule from the model file; drop the other schedule options")
-        from diffcli.checkpoint import read_schedule  # needs the model-file code, so only when asked
+        # the model-file code (and the model) is imported only when a model file is asked for
+        from diffcli.checkpoint import read_schedule
 
         return [read_schedule(checkpoint)]
 
@@ -143,7 +145,7 @@ def row(schedule: NoiseSchedule, t: int) -> Row:
         alpha_bar=float(s.alphas_cumprod[t]),
         sqrt_alpha_bar=float(s.sqrt_alphas_cumprod[t]),
         sqrt_one_minus_alpha_bar=float(s.sqrt_one_minus_alphas_cumprod[t]),
-        snr_db=float(s.log_snr[t]) * 10 / math.log(10),
+        snr_db=float(s.log_snr[t]) * DB,
         sigma=float(s.sigmas[t]),
     )
 
@@ -221,7 +223,7 @@ def tables(inspection: Inspection) -> list[Table]:
     return out
 
 
-def _finite_or_none(x: float | int) -> float | int | None:
+def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
@@ -265,7 +267,10 @@ def plot_schedules(inspection: Inspection, path: Path, width: int, height: int, 
     are dotted on each line when the inspection is of sampling steps."""
     if not (400 <= width <= 4000 and 200 <= height <= 4000):
         raise UsageError(f"the plot must be 400..4000 pixels wide and 200..4000 high, got {width}x{height}")
-    plot.check_png_path(path, overwrite)
+    if Path(path).suffix.lower() != ".png":
+        raise UsageError(f"the plot is written as PNG; give a file name ending in .png, got {str(path)!r}")
+    if Path(path).exists() and not overwrite:  # fail before drawing; the write itself is exclusive too
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     marks = inspection.timesteps if inspection.steps is not None else []
     mark_label = f"{inspection.steps} steps, {inspection.spacing}" if marks else None
     T = inspection.schedules[0].num_timesteps
@@ -273,7 +278,7 @@ def plot_schedules(inspection: Inspection, path: Path, width: int, height: int, 
     for s in inspection.schedules:
         xs = list(range(T))
         alpha_bar.append(plot.Series(s.kind, xs, s.alphas_cumprod.tolist(), marks))
-        snr_db.append(plot.Series(s.kind, xs, (s.log_snr * 10 / math.log(10)).tolist(), marks))
+        snr_db.append(plot.Series(s.kind, xs, (s.log_snr * DB).tolist(), marks))
     half = width // 2
     left = plot.line_chart(
         alpha_bar, size=(half, height), title="alpha_bar", x_label="timestep t", y_range=(0.0, 1.0), mark_label=mark_label
@@ -281,4 +286,4 @@ def plot_schedules(inspection: Inspection, path: Path, width: int, height: int, 
     right = plot.line_chart(
         snr_db, size=(width - half, height), title="log-SNR (dB)", x_label="timestep t", legend=False
     )
-    plot.save_png(plot.side_by_side([left, right]), path, overwrite)
+    images.save_png(path, plot.side_by_side([left, right]), overwrite=overwrite)

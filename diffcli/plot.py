@@ -1,4 +1,4 @@
-"""Line charts drawn with Pillow alone (no matplotlib), and atomic PNG writes.
+"""Line charts drawn with Pillow alone (no matplotlib).
 
 line_chart() knows nothing about diffusion: it draws any list of Series (a noise schedule against t,
 a loss against the training step) with axes, "nice" ticks, a light grid, a legend and optional
@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
-
-from diffcli.errors import OutputExistsError, UsageError
 
 MAX_DRAW_PX = 4000  # longest side of the supersampled canvas, to bound memory
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -228,41 +223,3 @@ def side_by_side(images: Sequence[Image.Image]) -> Image.Image:
         out.paste(image, (x, 0))
         x += image.width
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing PNGs
-# --------------------------------------------------------------------------------------------------
-
-
-def check_png_path(path: Path, overwrite: bool) -> None:
-    """Fail before any work if `path` cannot take a new PNG."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"the plot is written as PNG; give a file name ending in .png, got {str(path)!r}")
-    if not path.parent.is_dir():
-        raise UsageError(f"folder {str(path.parent)!r} does not exist")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-
-
-def save_png(image: Image.Image, path: Path, overwrite: bool = False) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`, so a
-    reader never sees half a PNG and a crash leaves the old file (or none) in place."""
-    path = Path(path)
-    check_png_path(path, overwrite)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:  # "x": never reuse a file; mode 0o666 minus the umask, like any new file
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)

@@ -1,0 +1,207 @@
+"""`diffcli inspect-schedule`, run the way a user would: invoke, check the exit code, then the output."""
+
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffcli.cli import app
+from diffcli.schedule import NoiseSchedule
+
+runner = CliRunner()
+
+
+def inspect(*args: str):
+    return runner.invoke(app, ["inspect-schedule", *args])
+
+
+def table_timesteps(stdout: str) -> list[int]:
+    """The t column of the rich table(s) printed on stdout."""
+    return [int(line.split("│")[1]) for line in stdout.splitlines() if line.startswith("│")]
+
+
+def test_default_table():
+    result = inspect()
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    out = result.stdout
+    assert out.startswith("linear schedule, T=1000, beta 0.0001 to 0.02\n")
+    for header in ("t", "beta", "alpha_bar", "sqrt(ab)", "sqrt(1-ab)", "SNR dB", "sigma"):
+        assert f" {header} " in out
+    assert table_timesteps(out) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999]
+    assert "│ 999 │     0.02 │ 4.0358e-05 │" in out
+    assert "linear: terminal SNR -43.94 dB (alpha_bar 4.0358e-05) at t=999; SNR crosses 0 dB between t=258 and t=259" in out
+
+
+def test_rows():
+    result = inspect("--rows", "4", "--timesteps", "100")
+    assert result.exit_code == 0, result.output
+    assert table_timesteps(result.stdout) == [0, 33, 66, 99]
+
+
+def test_json_has_every_value_at_full_precision():
+    result = inspect("--json", "--schedule", "cosine")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    s = NoiseSchedule("cosine", 1000)
+    assert doc["sampling"] is None
+    (entry,) = doc["schedules"]
+    assert entry["schedule"] == s.to_dict()
+    assert [r["t"] for r in entry["rows"]] == list(range(1000))
+    for t in (0, 1, 500, 998, 999):
+        r = entry["rows"][t]
+        assert r["beta"] == float(s.betas[t])
+        assert r["alpha_bar"] == float(s.alphas_cumprod[t])
+        assert r["sqrt_alpha_bar"] == float(s.sqrt_alphas_cumprod[t])
+        assert r["sqrt_one_minus_alpha_bar"] == float(s.sqrt_one_minus_alphas_cumprod[t])
+        assert r["sigma"] == float(s.sigmas[t])
+        assert r["snr_db"] == pytest.approx(10 * math.log10(float(s.snr[t])), rel=1e-14)
+    assert entry["terminal_snr_db"] == entry["rows"][999]["snr_db"]
+    assert entry["snr_below_0db_from_t"] == 496  # alpha_bar[495] > 1/2 > alpha_bar[496]
+    assert float(s.alphas_cumprod[495]) > 0.5 > float(s.alphas_cumprod[496])
+
+
+def test_json_writes_null_for_infinite_values():
+    result = inspect("--json", "--zero-terminal-snr", "--rows", "2")
+    assert result.exit_code == 0, result.output
+    assert "Infinity" not in result.stdout and "NaN" not in result.stdout
+    (entry,) = json.loads(result.stdout)["schedules"]
+    last = entry["rows"][-1]
+    assert last["t"] == 999 and last["alpha_bar"] == 0.0
+    assert last["snr_db"] is None and last["sigma"] is None
+    assert entry["terminal_snr_db"] is None
+
+
+def test_csv_parses():
+    result = inspect("--csv", "--compare", "linear,cosine", "--rows", "3")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(r["schedule"], int(r["t"])) for r in rows] == [
+        ("linear", 0), ("linear", 500), ("linear", 999), ("cosine", 0), ("cosine", 500), ("cosine", 999)
+    ]
+    cosine = NoiseSchedule("cosine", 1000)
+    assert float(rows[4]["alpha_bar"]) == float(cosine.alphas_cumprod[500])
+    assert float(rows[5]["sigma"]) == float(cosine.sigmas[999])
+
+
+def test_csv_has_every_row_by_default():
+    result = inspect("--csv", "--timesteps", "50", "--zero-terminal-snr")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [int(r["t"]) for r in rows] == list(range(50))
+    assert float(rows[-1]["sigma"]) == math.inf
+
+
+def test_compare_side_by_side():
+    result = inspect("--compare", "linear,cosine")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.startswith("linear, cosine schedules, T=1000")
+    assert "alpha_bar" in out and "SNR dB" in out
+    assert "│ 500 │   0.077797 │    0.49229 │" in out  # alpha_bar of linear and cosine at t=500
+    assert "│ 500 │ -10.74 │  -0.13 │" in out  # their SNR in dB
+    assert "linear: terminal SNR" in out and "cosine: terminal SNR" in out
+
+
+def test_steps_show_the_visited_timesteps():
+    result = inspect("--steps", "50", "--spacing", "leading")
+    assert result.exit_code == 0, result.output
+    assert "the 50 timesteps a sampler visits (leading spacing), in order" in result.stdout
+    assert table_timesteps(result.stdout) == list(range(980, -1, -20))
+
+    result = inspect("--steps", "50", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["sampling"] == {"steps": 50, "spacing": "trailing", "timesteps": list(range(999, 18, -20))}
+    assert [r["t"] for r in doc["schedules"][0]["rows"]] == list(range(999, 18, -20))
+
+
+def test_plot_writes_png_of_the_size_asked(tmp_path):
+    path = tmp_path / "schedules.png"
+    result = inspect("--compare", "linear,cosine", "--steps", "10", "--plot", str(path), "--width", "640", "--height", "400")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == f"wrote {path} (640x400)\n"
+    assert "linear, cosine schedules" in result.stdout  # the table still goes to stdout
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (640, 400)
+        rgb = img.convert("RGB")
+    colors = {c for _, c in rgb.getcolors(maxcolors=1 << 20)}
+    assert len(colors) > 50  # lines, text and antialiasing, not a blank canvas
+
+    def seen(ref):
+        return any(all(abs(a - b) < 30 for a, b in zip(c, ref)) for c in colors)
+
+    assert seen((0x1F, 0x77, 0xB4))  # the first series' blue
+    assert seen((0xFF, 0x7F, 0x0E))  # the second series' orange
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schedules.png"]  # no temp file left
+
+
+def test_plot_quiet(tmp_path):
+    result = inspect("--plot", str(tmp_path / "a.png"), "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_plot_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(b"keep me")
+    result = inspect("--plot", str(path))
+    assert result.exit_code == 3
+    assert result.stderr == f"Error: {path} exists; pass --overwrite to replace it\n"
+    assert result.stdout == ""
+    assert path.read_bytes() == b"keep me"
+
+    result = inspect("--plot", str(path), "--overwrite")
+    assert result.exit_code == 0, result.output
+    with Image.open(path) as img:
+        assert img.size == (900, 600)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--timesteps", "0"], "the number of timesteps must be an integer >= 2, got 0"),
+        (["--beta-end", "2"], "beta end must be in (0, 1), got 2.0"),
+        (["--steps", "2000"], "steps must be between 1 and the schedule's 1000 timesteps, got 2000"),
+        (["--schedule", "quadratic"], "unknown schedule 'quadratic'"),
+        (["--steps", "10", "--spacing", "even"], "unknown spacing 'even'"),
+        (["--rows", "1"], "rows must be between 2 and the schedule's 1000 timesteps, got 1"),
+        (["--rows", "5", "--steps", "5"], "give either --rows or --steps"),
+        (["--spacing", "leading"], "--spacing needs --steps"),
+        (["--compare", "linear,linear"], "lists a schedule twice"),
+        (["--compare", "linear,"], "kinds separated by commas"),
+        (["--schedule", "cosine", "--compare", "linear,cosine"], "either --schedule or --compare"),
+        (["--json", "--csv"], "either --json or --csv"),
+        (["--checkpoint", "model.safetensors", "--timesteps", "10"], "--checkpoint reads the schedule"),
+        (["--plot", "out.jpg"], "give a file name ending in .png"),
+        (["--plot", "out.png", "--width", "10"], "the plot must be 400..4000 pixels wide"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(args, message):
+    result = inspect(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_checkpoint_reads_the_stored_schedule(monkeypatch):
+    checkpoint = pytest.importorskip("diffcli.checkpoint")
+    monkeypatch.setattr(checkpoint, "read_schedule", lambda path: NoiseSchedule("cosine", 250))
+    result = inspect("--checkpoint", "model.safetensors", "--json", "--rows", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["schedules"][0]["schedule"] == NoiseSchedule("cosine", 250).to_dict()
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, diffcli.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
