@@ -193,12 +193,27 @@ def test_bad_values_exit_2_with_one_line(args, message):
     assert "Traceback" not in result.output
 
 
-def test_checkpoint_reads_the_stored_schedule(monkeypatch):
-    checkpoint = pytest.importorskip("diffcli.checkpoint")
-    monkeypatch.setattr(checkpoint, "read_schedule", lambda path: NoiseSchedule("cosine", 250))
-    result = inspect("--checkpoint", "model.safetensors", "--json", "--rows", "2")
+def test_checkpoint_reads_the_stored_schedule(tmp_path):
+    from diffcli.checkpoint import save_model
+    from diffcli.model import DiT, ModelConfig
+
+    cfg = ModelConfig(image_height=8, image_width=8, in_channels=1, patch_size=4, hidden_size=32, depth=1, num_heads=2)
+    stored = NoiseSchedule("cosine", 250, zero_terminal_snr=True)
+    path = tmp_path / "model.safetensors"
+    save_model(path, DiT(cfg), stored, "v", [])
+
+    result = inspect("--checkpoint", str(path), "--json", "--rows", "2")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["schedules"][0]["schedule"] == NoiseSchedule("cosine", 250).to_dict()
+    (entry,) = json.loads(result.stdout)["schedules"]
+    assert entry["schedule"] == stored.to_dict()
+    assert [r["t"] for r in entry["rows"]] == [0, 249]
+    assert entry["rows"][0]["alpha_bar"] == float(stored.alphas_cumprod[0])
+
+
+def test_checkpoint_missing_exits_4(tmp_path):
+    result = inspect("--checkpoint", str(tmp_path / "nope.safetensors"))
+    assert result.exit_code == 4
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
 
 
 def test_help_does_not_import_torch():
