@@ -40,6 +40,9 @@ def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) ->
     except OSError as e:
         raise DiffcliError(f"cannot write in {folder}: {e.strerror or e}") from e
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

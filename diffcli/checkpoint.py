@@ -140,7 +140,9 @@ def save_model(
     training: dict[str, Any] | None = None,
     sampling: dict[str, Any] | None = None,
     overwrite: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
+    """Write a model file. dtype=torch.float16 halves the file; loading casts back to float32."""
     cfg = model.config
     meta = {
         "model_config": cfg.to_dict(),
@@ -151,8 +153,10 @@ def save_model(
         "class_names": list(class_names),
         "training": training or {},
         "sampling": sampling or {},
+        "weights_dtype": str(dtype).removeprefix("torch."),
     }
-    write(path, model.state_dict(), meta, MODEL_FORMAT, overwrite=overwrite)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    write(path, tensors, meta, MODEL_FORMAT, overwrite=overwrite)
 
 
 def _parse_model_meta(meta: dict[str, str], path: str | Path) -> tuple[ModelConfig, NoiseSchedule, str, list[str]]:

@@ -233,6 +233,7 @@ def train(
     log_every: int = typer.Option(50, "--log-every"),
     resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events (needs tensorboard)."),
+    save_dtype: str = typer.Option("fp32", "--save-dtype", help="Weights in model.safetensors: fp32, or fp16 (half the size)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
@@ -253,7 +254,7 @@ def train(
         min_snr_gamma=min_snr_gamma, timestep_sampling=timestep_sampling, guidance=guidance,
         precision=precision, compile=compile_, seed=seed, device=device, num_workers=num_workers,
         checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
-        resume=resume, tensorboard=tensorboard,
+        resume=resume, tensorboard=tensorboard, save_dtype=save_dtype,
     )
 
     def job() -> None:

@@ -58,7 +58,8 @@ def cosine_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
 
 
 def sigmoid_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    """sigmoid(linspace(-6, 6, T)) scaled to [beta_start, beta_end] (Jabri et al. 2022, GeoDiff)."""
+    """sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start (GeoDiff, Xu et al. 2022);
+    sigmoid(+-6) is 0.0025 / 0.9975 away from 0 / 1, so the ends sit just inside [beta_start, beta_end]."""
     return torch.sigmoid(torch.linspace(-6, 6, T, dtype=F64)) * (beta_end - beta_start) + beta_start
 
 
@@ -134,10 +135,9 @@ class NoiseSchedule:
         ab = self.alphas_cumprod
         self.sqrt_alphas_cumprod = ab.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - ab).sqrt()
-        with torch.no_grad():
-            self.snr = ab / (1 - ab)
-            self.log_snr = torch.log(ab) - torch.log1p(-ab)
-            self.sigmas = ((1 - ab) / ab).sqrt()
+        self.snr = ab / (1 - ab)
+        self.log_snr = torch.log(ab) - torch.log1p(-ab)
+        self.sigmas = ((1 - ab) / ab).sqrt()
 
     # -- convenience -------------------------------------------------------------------------------
 
@@ -162,6 +162,9 @@ class NoiseSchedule:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, NoiseSchedule) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
 
     # -- forward process ---------------------------------------------------------------------------
 
@@ -202,10 +205,14 @@ class NoiseSchedule:
             ts = torch.arange(N, dtype=torch.int64) * (T // N)
             return ts.flip(0)
         if spacing == "trailing":
-            # T - k * T/N for k = 0..N-1, the values numpy's arange(T, 0, -T/N) produces
-            vals = T - torch.arange(N, dtype=F64) * (T / N)
+            # the first N values of numpy's arange(T, 0, -T/N), computed as numpy does
+            # (start + k * delta with delta = (start + step) - start), so .5 ties round alike
+            delta = (T - T / N) - T
+            vals = T + torch.arange(N, dtype=F64) * delta
             return torch.round(vals).to(torch.int64) - 1
-        vals = torch.linspace(0, T - 1, N, dtype=F64)
+        # numpy's linspace(0, T - 1, N): k * step, the last value set to the end point exactly
+        vals = torch.arange(N, dtype=F64) * ((T - 1) / (N - 1)) if N > 1 else torch.zeros(1, dtype=F64)
+        vals[-1] = T - 1 if N > 1 else 0
         return torch.round(vals).to(torch.int64).flip(0)
 
     # -- persistence -------------------------------------------------------------------------------
@@ -223,7 +230,7 @@ class NoiseSchedule:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "NoiseSchedule":
         known = {"kind", "num_timesteps", "beta_start", "beta_end", "zero_terminal_snr"}
-        unknown = set(d) - known
-        if unknown:
-            raise UsageError(f"unknown schedule fields: {', '.join(sorted(unknown))}")
+        unknown, missing = set(d) - known, known - set(d)
+        if unknown or missing:
+            raise UsageError(f"schedule fields: unknown {sorted(unknown)}, missing {sorted(missing)}")
         return cls(**d)

@@ -78,6 +78,7 @@ class TrainConfig:
     log_every: int = 50
     resume: str = "auto"
     tensorboard: bool = False
+    save_dtype: str = "fp32"  # weights in model.safetensors: fp32, or fp16 for half the size
 
     # options that define what is trained: they must match when resuming
     IDENTITY = (
@@ -115,6 +116,7 @@ class TrainConfig:
              "--checkpoint-every and --log-every must be >= 1, --sample-every >= 0")
         need(self.keep_last >= 1, "--keep-last must be >= 1")
         need(self.num_workers >= 0, "--num-workers must be >= 0")
+        need(self.save_dtype in ("fp32", "fp16"), "--save-dtype must be fp32 or fp16")
         need(not (self.zero_terminal_snr and self.prediction == "epsilon"),
              "--zero-terminal-snr needs --prediction v (epsilon cannot be sampled at alpha_bar = 0)")
         parse_resolution(self.resolution)
@@ -545,7 +547,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
                               training={"steps": step, "images_seen": step * B, "dataset_images": len(data.files),
                                         "dataset": str(cfg.data_dir), "preset": cfg.model, "batch_size": B,
                                         "lr": cfg.lr, "seconds": round(elapsed(), 1), "final": final},
-                              sampling={"guidance": cfg.guidance if K else 1.0})
+                              sampling={"guidance": cfg.guidance if K else 1.0},
+                              dtype=torch.float16 if cfg.save_dtype == "fp16" else torch.float32)
 
     # ---- loop ------------------------------------------------------------------------------------
     t_start = time.perf_counter()

@@ -164,13 +164,9 @@ def test_timesteps_are_n_distinct_descending_in_range(spacing, T_):
             assert ts[-1] == 0 and (N == 1 or ts[0] == T_ - 1)  # one step: linspace(0, T-1, 1) = [0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NoiseSchedule rounds T - k*(T/N) and torch.linspace values, which differ from numpy's "
-    "arange/linspace by an ulp, so exact .5 ties round the other way",
-)
 @pytest.mark.parametrize("spacing, T_, N", [("trailing", 7, 6), ("trailing", 1000, 48), ("linspace", 1000, 27)])
 def test_timesteps_ties(spacing, T_, N):
+    """Exact .5 ties round as numpy's do: the values are computed as numpy's arange/linspace compute them."""
     got = NoiseSchedule("linear", T_).timesteps(N, spacing).numpy()
     np.testing.assert_array_equal(got, ref_timesteps(spacing, T_, N))
 
@@ -226,8 +222,15 @@ def test_dict_round_trip(kwargs):
 
 
 def test_from_dict_rejects_unknown_fields():
-    with pytest.raises(UsageError, match="unknown schedule fields: colour"):
+    with pytest.raises(UsageError, match="unknown \\['colour'\\]"):
         NoiseSchedule.from_dict({**NoiseSchedule().to_dict(), "colour": "blue"})
+
+
+def test_from_dict_rejects_missing_fields():
+    d = NoiseSchedule("cosine").to_dict()
+    del d["kind"]  # must not silently become the default 'linear'
+    with pytest.raises(UsageError, match="missing \\['kind'\\]"):
+        NoiseSchedule.from_dict(d)
 
 
 @pytest.mark.parametrize(
