@@ -165,14 +165,14 @@ def render_name(template: str, out: Path, fields_: dict[str, Any]) -> Path:
     return out / name
 
 
-def grid_layout(classes: list[int | None], num_classes: int) -> tuple[list[int], int]:
+def grid_layout(classes: list[int | None], num_classes: int) -> tuple[list[int | None], int]:
     """Order and column count for the grid: one row per class when the images cycle through all
-    classes, otherwise a near-square grid in image order."""
+    classes (None: an empty cell ending a short row), otherwise a near-square grid in image order."""
     n = len(classes)
     if num_classes and n >= num_classes and all(c == i % num_classes for i, c in enumerate(classes)):
         cols = math.ceil(n / num_classes)
         order = [r + c * num_classes for r in range(num_classes) for c in range(cols)]
-        return [i for i in order if i < n], cols
+        return [i if i < n else None for i in order], cols  # keep the hole, or later rows shift
     return list(range(n)), math.ceil(math.sqrt(n))
 
 
@@ -342,7 +342,8 @@ def write_grid(p: Plan, pixels: dict[int, torch.Tensor], opts: SampleOptions) ->
         except Exception:
             cells.append(torch.zeros(cfg.image_height, cfg.image_width, cfg.in_channels, dtype=torch.uint8))
     order, cols = grid_layout(p.classes, cfg.num_classes)
-    grid = make_grid(torch.stack([cells[i] for i in order]), ncols=cols)
+    blank = torch.zeros_like(cells[0])
+    grid = make_grid(torch.stack([cells[i] if i is not None else blank for i in order]), ncols=cols)
     img = to_pil(grid)
     scale = max(1, 64 // max(1, min(cfg.image_height, cfg.image_width)))  # small images: cells >= 64 px
     if scale > 1:

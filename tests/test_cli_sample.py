@@ -1,0 +1,311 @@
+"""`diffcli sample`, run the way a user would: invoke, check the exit code, then the output and files.
+
+The model files are tiny DiTs (8x8, width 32) with perturbed weights, so images are not flat.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from diffcli.checkpoint import save_model
+from diffcli.cli import app
+from diffcli.images import read_png_text
+from diffcli.schedule import NoiseSchedule
+
+runner = CliRunner()
+CLASSES = ["cat", "dog", "fish"]
+
+
+def diffcli(*args) -> "Result":  # noqa: F821
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, make_dit) -> dict[str, Path]:
+    """rgb: conditional (cat, dog, fish), v prediction, guidance 2 stored; gray: unconditional, 1 channel."""
+    folder = tmp_path_factory.mktemp("models")
+    rgb, gray = folder / "rgb.safetensors", folder / "gray.safetensors"
+    save_model(rgb, make_dit(num_classes=3, seed=1), NoiseSchedule("linear", 1000), "v", CLASSES,
+               sampling={"guidance": 2.0})
+    save_model(gray, make_dit(in_channels=1, seed=2), NoiseSchedule("cosine", 1000), "v", [])
+    return {"rgb": rgb, "gray": gray}
+
+
+@pytest.fixture
+def rgb(models) -> Path:
+    return models["rgb"]
+
+
+def pixels(path: Path) -> bytes:
+    with Image.open(path) as im:
+        return im.tobytes()
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """name -> (inode, mtime_ns, bytes) of every file, hidden ones (temporary files) included."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def parameters(text: str) -> dict[str, str]:
+    """'Steps: 50, Sampler: ddim, ...' -> {'Steps': '50', 'Sampler': 'ddim', ...}"""
+    return dict(part.split(": ", 1) for part in text.split(", "))
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def assert_one_error_line(result) -> str:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# A normal run
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sample_16_images_and_a_grid(tmp_path, rgb):
+    out, grid = tmp_path / "out", tmp_path / "g.png"
+    result = diffcli("sample", "--checkpoint", rgb, "--steps", 50, "-n", 16, "--grid", grid, "--seed", 7, "-o", out)
+    assert result.exit_code == 0, result.output
+    names = [f"{7 + i}-{i:04d}.png" for i in range(16)]
+    assert result.stdout.splitlines() == [str(out / n) for n in names] + [str(grid)]
+    assert sorted(os.listdir(out)) == sorted(names)  # no stray temporary files
+    assert "seed 7 (given); 16 images, ddim 50 steps, guidance 2" in " ".join(result.stderr.split())
+
+    model_hash = hashlib.sha256(rgb.read_bytes()).hexdigest()[:10]
+    for i, name in enumerate(names):
+        with Image.open(out / name) as im:
+            assert (im.format, im.mode, im.size) == ("PNG", "RGB", (8, 8))
+        text = read_png_text(out / name)
+        p = parameters(text["parameters"])
+        assert p["Steps"] == "50" and p["Sampler"] == "ddim" and p["CFG scale"] == "2.0"
+        assert p["Seed"] == str(7 + i) and p["Size"] == "8x8" and p["Model hash"] == model_hash
+        assert p["Class"] == CLASSES[i % 3] and p["Eta"] == "0.0" and p["NFE"] == "50"
+        doc = json.loads(text["diffcli"])
+        assert (doc["seed"], doc["class"], doc["steps"], doc["guidance"], doc["model_hash"]) == (7 + i, CLASSES[i % 3], 50, 2.0, model_hash)
+    assert len({pixels(out / n) for n in names}) == 16  # 16 different images
+
+    # the grid: one row per class (cat: 0 3 ... 15; dog: 1 4 ... 13; fish: 2 5 ... 14), 2 px gaps,
+    # 6 columns, upscaled 8x (cells of at least 64 px)
+    with Image.open(grid) as im:
+        assert im.mode == "RGB" and im.size == (8 * (6 * 10 + 2), 8 * (3 * 10 + 2))
+        small = im.resize((62, 32), Image.NEAREST)
+    assert json.loads(read_png_text(grid)["diffcli"])["images"] == 16
+    for i, name in enumerate(names):
+        row, col = i % 3, i // 3
+        cell = small.crop((2 + col * 10, 2 + row * 10, 10 + col * 10, 10 + row * 10))
+        assert cell.tobytes() == pixels(out / name), f"image {i} is not at row {row}, column {col}"
+    blank = small.crop((2 + 5 * 10, 12, 10 + 5 * 10, 20)).tobytes()  # dog has no 6th image
+    assert blank == bytes(8 * 8 * 3)
+
+
+def test_grayscale_model_writes_L_pngs(tmp_path, models):
+    result = diffcli("sample", "-c", models["gray"], "--steps", 5, "-n", 2, "--seed", 0, "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    for name in ("0-0000.png", "1-0001.png", "grid-0.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == "L"
+    text = parameters(read_png_text(tmp_path / "0-0000.png")["parameters"])
+    assert text["CFG scale"] == "1.0" and "Class" not in text  # unconditional: no guidance, no class
+
+
+def test_json_lines(tmp_path, rgb):
+    result = diffcli("sample", "-c", rgb, "--steps", 4, "-n", 4, "--seed", 3, "-o", tmp_path, "--json", "-g", 1.5)
+    assert result.exit_code == 0, result.output
+    *images, grid = json_lines(result.stdout)
+    model_hash = hashlib.sha256(rgb.read_bytes()).hexdigest()[:10]
+    assert [r["seed"] for r in images] == [3, 4, 5, 6]
+    assert [r["class"] for r in images] == ["cat", "dog", "fish", "cat"]
+    for r in images:
+        assert r["path"] == str(tmp_path / f"{r['seed']}-{r['index']:04d}.png") and Path(r["path"]).is_file()
+        assert (r["steps"], r["sampler"], r["guidance"], r["model_hash"]) == (4, "ddim", 1.5, model_hash)
+        assert isinstance(r["seconds"], float) and r["seconds"] >= 0 and r["skipped"] is False
+    assert grid == {"grid": str(tmp_path / "grid-3.png"), "images": 4}
+
+
+def test_no_metadata(tmp_path, rgb):
+    result = diffcli("sample", "-c", rgb, "--steps", 3, "-n", 2, "--seed", 0, "-o", tmp_path, "--no-metadata")
+    assert result.exit_code == 0, result.output
+    for name in ("0-0000.png", "1-0001.png", "grid-0.png"):
+        assert read_png_text(tmp_path / name) == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and reproducibility
+# --------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_twice_gives_the_same_pixels(tmp_path, rgb):
+    args = ["sample", "-c", rgb, "--steps", 10, "-n", 3, "--seed", 11, "-o", tmp_path, "--no-grid"]
+    assert diffcli(*args).exit_code == 0
+    first = {n: pixels(tmp_path / n) for n in os.listdir(tmp_path)}
+    result = diffcli(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert {n: pixels(tmp_path / n) for n in os.listdir(tmp_path)} == first
+
+
+def test_image_i_has_seed_s_plus_i(tmp_path, rgb):
+    """`--seed 5 -n 3` image 1 is `--seed 6 -n 1` image 0 (same class, so the same conditioning)."""
+    a = diffcli("sample", "-c", rgb, "--steps", 8, "--seed", 5, "-n", 3, "--class", "dog", "-o", tmp_path / "a")
+    b = diffcli("sample", "-c", rgb, "--steps", 8, "--seed", 6, "-n", 1, "--class", "dog", "-o", tmp_path / "b")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert pixels(tmp_path / "a" / "6-0001.png") == pixels(tmp_path / "b" / "6-0000.png")
+    assert pixels(tmp_path / "a" / "5-0000.png") != pixels(tmp_path / "b" / "6-0000.png")
+
+
+def test_batch_size_does_not_change_the_pixels(tmp_path, rgb):
+    for b in (1, 8):
+        result = diffcli("sample", "-c", rgb, "--steps", 8, "-n", 5, "--seed", 0, "--batch-size", b,
+                         "-o", tmp_path / f"b{b}", "--no-grid", "--sampler", "ddpm")
+        assert result.exit_code == 0, result.output
+    for i in range(5):
+        name = f"{i}-{i:04d}.png"
+        assert pixels(tmp_path / "b1" / name) == pixels(tmp_path / "b8" / name), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Existing outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_existing_outputs_exit_3_and_nothing_changes(tmp_path, rgb):
+    args = ["sample", "-c", rgb, "--steps", 3, "-n", 3, "--seed", 0, "-o", tmp_path]
+    assert diffcli(*args).exit_code == 0
+    before = snapshot(tmp_path)
+    assert len(before) == 4  # 3 images + grid
+    result = diffcli(*args)
+    assert result.exit_code == 3
+    assert "exists" in assert_one_error_line(result)
+    assert result.stdout == ""
+    assert snapshot(tmp_path) == before
+    # only the grid exists: still exit 3
+    for n in ("0-0000.png", "1-0001.png", "2-0002.png"):
+        (tmp_path / n).unlink()
+    assert diffcli(*args).exit_code == 3
+    assert sorted(os.listdir(tmp_path)) == ["grid-0.png"]
+
+
+def test_overwrite_replaces(tmp_path, rgb):
+    args = ["sample", "-c", rgb, "-n", 2, "--seed", 0, "-o", tmp_path]
+    assert diffcli(*args, "--steps", 3).exit_code == 0
+    result = diffcli(*args, "--steps", 6, "--overwrite")
+    assert result.exit_code == 0, result.output
+    for name in ("0-0000.png", "1-0001.png"):
+        assert parameters(read_png_text(tmp_path / name)["parameters"])["Steps"] == "6"
+    assert json.loads(read_png_text(tmp_path / "grid-0.png")["diffcli"])["steps"] == 6
+
+
+def test_skip_existing_makes_only_the_missing_images(tmp_path, rgb):
+    args = ["sample", "-c", rgb, "--steps", 5, "-n", 4, "--seed", 20, "-o", tmp_path]
+    assert diffcli(*args).exit_code == 0
+    original = pixels(tmp_path / "21-0001.png")
+    (tmp_path / "21-0001.png").unlink()
+    kept = {n: s for n, s in snapshot(tmp_path).items() if n != "grid-20.png"}
+    result = diffcli(*args, "--skip-existing", "--json")
+    assert result.exit_code == 0, result.output
+    *images, grid = json_lines(result.stdout)
+    assert [(r["index"], r["skipped"]) for r in images] == [(0, True), (2, True), (3, True), (1, False)]
+    assert grid["images"] == 4
+    after = snapshot(tmp_path)
+    assert {n: after[n] for n in kept} == kept  # same inode, mtime and bytes: untouched
+    assert pixels(tmp_path / "21-0001.png") == original  # regenerated from its own seed
+    assert set(after) == set(kept) | {"21-0001.png", "grid-20.png"}
+
+
+def test_overwrite_and_skip_existing_exclude_each_other(tmp_path, rgb):
+    result = diffcli("sample", "-c", rgb, "-o", tmp_path, "--overwrite", "--skip-existing")
+    assert result.exit_code == 2
+    assert_one_error_line(result)
+
+
+# --------------------------------------------------------------------------------------------------
+# Classes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_class_by_name_or_index(tmp_path, rgb):
+    runs = {}
+    for token in ("dog", "1"):
+        result = diffcli("sample", "-c", rgb, "--steps", 4, "-n", 2, "--seed", 9, "--class", token,
+                         "-o", tmp_path / token, "--json", "--no-grid")
+        assert result.exit_code == 0, result.output
+        runs[token] = json_lines(result.stdout)
+        assert [r["class"] for r in runs[token]] == ["dog", "dog"]
+    for a, b in zip(runs["dog"], runs["1"]):
+        assert pixels(Path(a["path"])) == pixels(Path(b["path"]))
+
+
+def test_repeated_class_option_cycles(tmp_path, rgb):
+    result = diffcli("sample", "-c", rgb, "--steps", 2, "-n", 5, "--seed", 0, "--class", "fish", "--class", "0",
+                     "-o", tmp_path, "--json", "--no-grid")
+    assert result.exit_code == 0, result.output
+    assert [r["class"] for r in json_lines(result.stdout)] == ["fish", "cat", "fish", "cat", "fish"]
+
+
+@pytest.mark.parametrize("token,message", [("7", "out of range"), ("-1", "out of range"), ("bird", "unknown class 'bird'")])
+def test_bad_class_exits_2(tmp_path, rgb, token, message):
+    result = diffcli("sample", "-c", rgb, "--class", token, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert message in assert_one_error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_on_an_unconditional_model_exits_2(tmp_path, models):
+    result = diffcli("sample", "-c", models["gray"], "--class", "0", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "unconditional" in assert_one_error_line(result)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad model files and options
+# --------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_foreign_and_missing_model_files_exit_4(tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(os.urandom(2000))
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3, 3)}, foreign)
+    for path, message in ((corrupt, "not a safetensors file"), (foreign, "without diffcli metadata"),
+                          (tmp_path / "missing.safetensors", "not found")):
+        result = diffcli("sample", "--checkpoint", path, "-o", tmp_path / "out")
+        assert result.exit_code == 4, result.output
+        assert message in assert_one_error_line(result)
+        assert result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [("--steps", "0", "--steps"), ("--steps", "1001", "at most"), ("--eta", "2", "--eta"),
+     ("--guidance", "-1", "--guidance"), ("--batch-size", "0", "--batch-size"), ("-n", "0", "--num-images"),
+     ("--sampler", "plms", "unknown sampler"), ("--name", "../x.png", "outside the output folder"),
+     ("--name", "{bogus}.png", "unknown field {bogus}"), ("--name", "{seed", "bad --name"),
+     ("--name", "fixed.png", "same file name"), ("--device", "tpu", "unknown device")],
+)
+def test_bad_options_exit_2_and_write_nothing(tmp_path, rgb, option, value, message):
+    out = tmp_path / "out"
+    result = diffcli("sample", "-c", rgb, "-n", 3, "--seed", 0, "-o", out, option, value)
+    assert result.exit_code == 2, result.output
+    assert message in assert_one_error_line(result)
+    assert not out.exists() and not (tmp_path / "x.png").exists()
+
+
+def test_absolute_name_exits_2(tmp_path, rgb):
+    target = tmp_path / "abs.png"
+    for name in (str(target), "/tmp/abs.png"):
+        result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "out", "--name", name)
+        assert result.exit_code == 2, result.output
+        assert "absolute path" in assert_one_error_line(result)
+    assert not target.exists() and not (tmp_path / "out").exists()
