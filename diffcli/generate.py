@@ -167,9 +167,13 @@ def render_name(template: str, out: Path, fields_: dict[str, Any]) -> Path:
 
 def grid_layout(classes: list[int | None], num_classes: int) -> tuple[list[int | None], int]:
     """Order and column count for the grid: one row per class when the images cycle through all
-    classes (None: an empty cell ending a short row), otherwise a near-square grid in image order."""
+    classes at least twice (None: an empty cell ending a short row), one row when there is one image
+    per class, otherwise a near-square grid in image order."""
     n = len(classes)
-    if num_classes and n >= num_classes and all(c == i % num_classes for i, c in enumerate(classes)):
+    cycling = num_classes and n >= num_classes and all(c == i % num_classes for i, c in enumerate(classes))
+    if cycling and n == num_classes:
+        return list(range(n)), n
+    if cycling:
         cols = math.ceil(n / num_classes)
         order = [r + c * num_classes for r in range(num_classes) for c in range(cols)]
         return [i if i < n else None for i in order], cols  # keep the hole, or later rows shift

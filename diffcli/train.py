@@ -119,7 +119,9 @@ class TrainConfig:
         need(self.save_dtype in ("fp32", "fp16"), "--save-dtype must be fp32 or fp16")
         need(not (self.zero_terminal_snr and self.prediction == "epsilon"),
              "--zero-terminal-snr needs --prediction v (epsilon cannot be sampled at alpha_bar = 0)")
-        parse_resolution(self.resolution)
+        H, W = parse_resolution(self.resolution)
+        # an unknown preset or a resolution the patch size does not divide fails now, not after decoding
+        preset_config(self.model, image_height=H, image_width=W, learn_sigma=self.learn_sigma, long_skip=self.long_skip)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,8 +344,10 @@ def load_state_tensors(tensors: dict[str, torch.Tensor], model: DiT, ema: DiT, o
     for name, p in zip(names, opt.param_groups[0]["params"]):
         key = f"opt.exp_avg.{name}"
         if key in tensors:
+            # fused (CUDA) AdamW keeps its step counter on the parameter's device, the plain one on the CPU
+            step_device = p.device if opt.defaults.get("fused") else torch.device("cpu")
             opt.state[p] = {
-                "step": tensors[f"opt.step.{name}"].to(torch.float32).cpu().reshape(()),
+                "step": tensors[f"opt.step.{name}"].to(torch.float32).reshape(()).to(step_device),
                 "exp_avg": tensors[key].to(p.device, p.dtype),
                 "exp_avg_sq": tensors[f"opt.exp_avg_sq.{name}"].to(p.device, p.dtype),
             }
@@ -538,7 +542,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     def save(step: int, final: bool = False) -> None:
         if not d.main:
             return
-        meta = {"train_config": cfg.to_dict(), "step": str(step), "class_names": data.class_names,
+        meta = {"train_config": cfg.to_dict(), "step": str(step), "seconds": str(round(elapsed(), 3)),
+                "class_names": data.class_names,
                 "model_config": mcfg.to_dict(), "schedule": schedule.to_dict()}
         checkpoint.write(run.checkpoint_path(step), state_tensors(model, ema, opt), meta, checkpoint.STATE_FORMAT)
         for old in run.list_checkpoints()[: -cfg.keep_last]:
@@ -628,7 +633,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
                 progress(step, cfg.steps, f"loss {smooth:.4f}" if smooth is not None else "")
             stop_now = _agree(stop.signal is not None, d, device)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_now:
-                state_meta["seconds"] = str(elapsed())
                 save(step, final=step == cfg.steps)
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps) and d.main:
                 preview(ema, schedule, cfg, data.class_names, run.samples / f"step_{step:07d}.png", device)
