@@ -196,7 +196,7 @@ def train(
     data_dir: Path = typer.Argument(..., help="Folder of images; class subfolders give a class-conditional model."),
     out: Path = typer.Option(Path("runs/default"), "--out", "-o", help="Run folder (config, metrics, previews, checkpoints, model file)."),
     model: str = typer.Option("DiT-M/4", "--model", "-m", help="Preset: DiT-{T,XS,M,S,B,L,XL}/{2,4,8}."),
-    long_skip: bool = typer.Option(False, "--long-skip", help="U-ViT long skip connections between shallow and deep blocks."),
+    long_skip: bool = typer.Option(True, "--long-skip/--no-long-skip", help="U-ViT long skip connections between shallow and deep blocks."),
     learn_sigma: bool = typer.Option(False, "--learn-sigma", help="Learn the variance too (Improved DDPM hybrid loss)."),
     resolution: str = typer.Option("32", "--resolution", "-r", help="Training size: 32 or HxW such as 32x48."),
     channels: str = typer.Option("auto", "--channels", help="auto (1 if every image is grayscale), 1 or 3."),
@@ -204,14 +204,14 @@ def train(
     flip: bool = typer.Option(False, "--flip", help="Random horizontal flips."),
     unconditional: bool = typer.Option(False, "--unconditional", help="Ignore class subfolders."),
     steps: int = typer.Option(10000, "--steps", help="Optimizer steps in total (a resumed run continues to this)."),
-    batch_size: int = typer.Option(128, "--batch-size", "-b", help="Global batch size (split across processes)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Global batch size (split across processes)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
     lr_schedule: str = typer.Option("constant", "--lr-schedule", help="After warm-up: constant or cosine."),
-    warmup_steps: int = typer.Option(200, "--warmup-steps"),
+    warmup_steps: int = typer.Option(500, "--warmup-steps"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0 disables)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
-    ema_decay: float = typer.Option(0.999, "--ema-decay"),
+    ema_decay: float = typer.Option(0.9995, "--ema-decay"),
     schedule: str = typer.Option("cosine", "--schedule", help="linear, scaled_linear, cosine or sigmoid."),
     timesteps: int = typer.Option(1000, "--timesteps"),
     beta_start: float = typer.Option(1e-4, "--beta-start"),
@@ -221,7 +221,7 @@ def train(
     class_dropout: float = typer.Option(0.1, "--class-dropout", help="Label dropout for classifier-free guidance."),
     min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", help="Min-SNR loss weighting gamma (0 disables)."),
     timestep_sampling: str = typer.Option("uniform", "--timestep-sampling", help="uniform or logit-normal."),
-    guidance: float = typer.Option(2.0, "--guidance", help="Default CFG scale stored in the model file (previews use it)."),
+    guidance: float = typer.Option(1.5, "--guidance", help="Default CFG scale stored in the model file (previews use it)."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     seed: int = typer.Option(0, "--seed"),
@@ -281,8 +281,31 @@ def train(
 
 
 def main() -> None:
+    """The `diffcli` entry point. Typer/click's own errors (a wrong type, an unknown option, a missing
+    argument) become one `Error: ...` line and exit 2 like ours, instead of a boxed usage message."""
+    try:  # typer >= 0.20 vendors click; older versions use click itself
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
     try:
-        app(standalone_mode=True)
-    except KeyboardInterrupt:
+        code = app(prog_name="diffcli", standalone_mode=False)  # a typer.Exit comes back as its code
+    except click_errors.NoArgsIsHelpError as e:
+        help_text = e.format_message()  # empty when rich has printed the help already
+        if help_text.strip():
+            print(help_text)
+        code = e.exit_code
+    except click_errors.UsageError as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _err(" ".join(e.format_message().split()) + hint)
+        code = 2
+    except click_errors.ClickException as e:
+        _err(" ".join(e.format_message().split()))
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt, EOFError):
         _err("interrupted")
-        sys.exit(130)
+        code = 130
+    except typer.Exit as e:
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

@@ -37,7 +37,7 @@ class TrainConfig:
     out: str = "runs/default"
     # model
     model: str = "DiT-M/4"
-    long_skip: bool = False
+    long_skip: bool = True
     learn_sigma: bool = False
     # data
     resolution: str = "32"
@@ -47,14 +47,14 @@ class TrainConfig:
     unconditional: bool = False
     # optimisation
     steps: int = 10000
-    batch_size: int = 128
+    batch_size: int = 256
     lr: float = 1e-3
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
-    warmup_steps: int = 200
+    warmup_steps: int = 500
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     grad_accum: int = 1
-    ema_decay: float = 0.999
+    ema_decay: float = 0.9995
     # diffusion
     schedule: str = "cosine"
     timesteps: int = 1000
@@ -65,7 +65,7 @@ class TrainConfig:
     class_dropout: float = 0.1
     min_snr_gamma: float = 5.0  # 0 disables Min-SNR weighting
     timestep_sampling: str = "uniform"  # uniform | logit-normal
-    guidance: float = 2.0  # default CFG scale stored in the model file; previews use it
+    guidance: float = 1.5  # default CFG scale stored in the model file; previews use it
     # machinery
     precision: str = "auto"
     compile: bool = False
