@@ -6,6 +6,7 @@ wrong reasons; `make_dit` adds seeded Gaussian noise to every parameter so outpu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -56,12 +57,10 @@ def make_dit() -> Callable[..., DiT]:
 
 
 @pytest.fixture
-def toy_image_folder(tmp_path_factory) -> Callable[..., "Path"]:
+def toy_image_folder(tmp_path_factory) -> Callable[..., Path]:
     """toy_image_folder(classes=("blue", "green", "red"), per_class=4, size=8, noise=25, seed=0) -> a
     folder of class subfolders of PNGs: each image a solid colour (the class's colour name, or gray
     for other names) with seeded per-pixel noise of +-noise. classes=() makes a flat folder of gray images."""
-    from pathlib import Path
-
     from PIL import Image
 
     colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}

@@ -1,0 +1,138 @@
+"""`diffcli train`, run the way a user would: invoke, check the exit code first, then the output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffcli.checkpoint import load_model
+from diffcli.cli import app
+
+runner = CliRunner()
+
+TINY = ["--model", "DiT-T/4", "--resolution", "8", "--batch-size", "4", "--steps", "3", "--warmup-steps", "1",
+        "--sample-every", "0", "--checkpoint-every", "100", "--device", "cpu"]
+
+
+def train(*args: str):
+    return runner.invoke(app, ["train", *args])
+
+
+def test_train_then_sample_by_class_name(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=2)
+    run = tmp_path / "run"
+    result = train(str(data), "--out", str(run), *TINY)
+    assert result.exit_code == 0, result.output
+    model = run / "model.safetensors"
+    assert f"model: {model}\n" in result.stdout
+    assert f"run: {run}\n" in result.stdout
+    assert "steps: 3" in result.stdout
+    assert "3 classes (blue, green, red)" in result.stderr  # logs go to stderr
+    assert load_model(model).class_names == ["blue", "green", "red"]
+
+    out = tmp_path / "samples"
+    sampled = runner.invoke(app, ["sample", "--checkpoint", str(model), "--class", "green", "-n", "2", "--steps", "5",
+                                  "--seed", "7", "--out", str(out), "--name", "{class}-{index}.png", "--json",
+                                  "--device", "cpu"])
+    assert sampled.exit_code == 0, sampled.output
+    records = [json.loads(line) for line in sampled.stdout.splitlines()]
+    images = [r for r in records if "path" in r]
+    assert [(r["class"], r["seed"], Path(r["path"]).name) for r in images] == [
+        ("green", 7, "green-0.png"), ("green", 8, "green-1.png")
+    ]
+    for r in images:
+        with Image.open(r["path"]) as im:
+            assert im.size == (8, 8) and im.mode == "RGB"
+    assert (out / "grid-7.png").exists()
+
+    wrong = runner.invoke(app, ["sample", "--checkpoint", str(model), "--class", "purple", "-n", "1", "--steps", "2",
+                                "--out", str(out), "--device", "cpu"])
+    assert wrong.exit_code == 2
+    assert "unknown class 'purple'" in wrong.stderr and "blue, green, red" in wrong.stderr
+
+
+def test_json_summary(tmp_path, toy_image_folder):
+    data = toy_image_folder(classes=(), per_class=3)
+    result = train(str(data), "--out", str(tmp_path / "run"), *TINY, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 3 and summary["resumed_from"] == 0
+    assert summary["model_path"] == str(tmp_path / "run" / "model.safetensors")
+    assert load_model(summary["model_path"]).class_names == []
+
+
+def test_empty_folder_exit_4(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = train(str(tmp_path / "empty"), "--out", str(tmp_path / "run"), *TINY)
+    assert result.exit_code == 4
+    assert result.stderr.startswith("Error: no images found in")
+    assert result.stdout == ""
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_missing_folder_exit_4(tmp_path):
+    result = train(str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *TINY)
+    assert result.exit_code == 4
+    assert "Error: data folder not found" in result.stderr
+
+
+def test_unreadable_only_folder_exit_4(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_text("not a png")
+    result = train(str(tmp_path / "bad"), "--out", str(tmp_path / "run"), *TINY)
+    assert result.exit_code == 4
+    assert "all unreadable" in result.stderr
+
+
+def test_resolution_not_a_multiple_of_the_patch_exit_2(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=1)
+    result = train(str(data), "--out", str(tmp_path / "run"), *TINY, "--model", "DiT-T/2", "--resolution", "33")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: resolution 33x33 is not a multiple of the patch size 2")  # before decoding
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_bad_numbers_exit_2(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=1)
+    for option, value, words in (("--batch-size", "0", "--batch-size"), ("--lr", "nan", "--lr"),
+                                 ("--steps", "0", "--steps"), ("--lr", "-1", "--lr"),
+                                 ("--resolution", "8x", "--resolution"), ("--model", "DiT-Q/4", "unknown model preset"),
+                                 ("--prediction", "x0", "--prediction"), ("--threads", "0", "--threads")):
+        result = train(str(data), "--out", str(tmp_path / "run"), *TINY, option, value)
+        assert result.exit_code == 2, (option, value, result.output)
+        assert result.stderr.startswith("Error: ") and words in result.stderr, (option, value, result.stderr)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_mixed_good_and_bad_files_trains_and_warns(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=2)
+    (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (data / "blue" / "empty.jpg").write_bytes(b"")
+    (data / "green" / "readme.txt").write_text("not even looked at")
+    result = train(str(data), "--out", str(tmp_path / "run"), *TINY)
+    assert result.exit_code == 0, result.output
+    assert "warning: skipped 2 unreadable file(s)" in result.stderr
+    assert "broken.png" in result.stderr and "empty.jpg" in result.stderr and "readme.txt" not in result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dataset"]["images"] == 6 and config["dataset"]["skipped"] == 2
+
+
+def test_resume_never_on_an_existing_run_exit_3(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=1)
+    run = tmp_path / "run"
+    assert train(str(data), "--out", str(run), *TINY).exit_code == 0
+    result = train(str(data), "--out", str(run), *TINY, "--resume", "never")
+    assert result.exit_code == 3
+    assert "already holds a run" in result.stderr
+
+
+def test_resume_with_changed_lr_exit_2(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=1)
+    run = tmp_path / "run"
+    assert train(str(data), "--out", str(run), *TINY).exit_code == 0
+    result = train(str(data), "--out", str(run), *TINY, "--steps", "5", "--lr", "5e-4")
+    assert result.exit_code == 2
+    assert "cannot resume" in result.stderr and "--lr" in result.stderr
