@@ -427,8 +427,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     cfg.validate()
     d, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, d, device, log if d.main else (lambda m: None), progress if d.main else None,
-                      decode_progress if d.main else None)
+        result = _train(cfg, d, device, log if d.main else (lambda m: None), progress if d.main else None,
+                        decode_progress if d.main else None)
+        if d.active:  # let rank 0 finish writing before any rank tears the process group down
+            import torch.distributed as dist
+
+            dist.barrier()
+        return result
     finally:
         if d.active:
             import torch.distributed as dist
@@ -461,6 +466,7 @@ def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str], None],
            progress: Callable[[int, int, str], None] | None,
            decode_progress: Callable[[int, int], None] | None) -> TrainResult:
+    started = time.time()  # temporary files in the run folder older than this are from a killed run
     H, W = parse_resolution(cfg.resolution)
     run = RunDir(cfg.out)
     resume_path = _resolve_resume(cfg, run)
@@ -523,8 +529,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     summary = {"dataset": {**data.summary(), "path": str(cfg.data_dir)}, "model_config": mcfg.to_dict(),
                "parameters": count_parameters(model), "world_size": d.world, "diffcli_version": __version__}
     if d.main:
-        run.root.mkdir(parents=True, exist_ok=True)
         atomic.write_bytes(run.config, json.dumps({"train": cfg.to_dict(), **summary}, indent=2).encode())
+        for folder in (run.root, run.checkpoints, run.samples):
+            atomic.remove_stale_temps(folder, older_than=started)
+        trim_metrics(run.metrics, start_step)
     tb = _tensorboard(cfg, run) if d.main else None
 
     pixels = data.pixels.to(device)  # the whole cached set lives on the training device
@@ -645,6 +653,25 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     done = step - start_step
     return TrainResult(str(run.model), str(run.root), step, start_step, last_loss, round(elapsed(), 2),
                        round(done * B / max(secs, 1e-9), 2))
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics records up to the step training starts from. Records after it (logged before a
+    crash, after the last checkpoint) are logged again, and a line cut short by a crash would
+    otherwise end up in the middle of the file once new lines are appended."""
+    if not path.exists():
+        return
+    raw = path.read_bytes()
+    keep = []
+    for line in raw.split(b"\n")[:-1]:  # what follows the last newline is a cut-short line
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int) and step <= last_step:
+            keep.append(line + b"\n")
+    if b"".join(keep) != raw:
+        atomic.write_bytes(path, b"".join(keep))
 
 
 # save() reads elapsed() through the closure defined before the loop
