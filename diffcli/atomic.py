@@ -7,6 +7,7 @@ Write to a temporary file in the destination folder, fsync it, then publish it b
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -66,6 +67,30 @@ def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) ->
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# write_bytes' temporary names: "." + the final name + "." + mkstemp's 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(folder: str | os.PathLike, older_than: float) -> list[Path]:
+    """Delete the temporary files that write_bytes leaves when its process is killed mid-write
+    (SIGKILL, power loss): only names of its own pattern, last written before `older_than` (a
+    time.time() value such as this process's start), so no live writer's file is touched."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if _TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) \
+                    and entry.stat(follow_symlinks=False).st_mtime < older_than:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass  # gone already, or not ours to delete: harmless either way
+    return removed
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
