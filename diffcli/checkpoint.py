@@ -176,14 +176,35 @@ def _parse_model_meta(meta: dict[str, str], path: str | Path) -> tuple[ModelConf
     return cfg, schedule, prediction, [str(n) for n in names]
 
 
+def _check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """The tensors' names and shapes against a model built on the meta device (no memory), so that a
+    file whose config and weights disagree (or whose config claims a huge model) fails before any
+    weights are allocated."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in DiT(cfg).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found == expected:
+        return
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+    else:
+        k = next(k for k in sorted(expected) if expected[k] != found[k])
+        detail = f"{k} has shape {list(found[k])}, the config needs {list(expected[k])}"
+    raise InputError(f"{path}: tensors do not match the model config ({detail[:200]})")
+
+
 def read_schedule(path: str | Path) -> NoiseSchedule:
-    _, meta, _ = read(path, MODEL_FORMAT)
-    return _parse_model_meta(meta, path)[1]
+    tensors, meta, _ = read(path, MODEL_FORMAT)
+    cfg, schedule, _, _ = _parse_model_meta(meta, path)
+    _check_tensors(cfg, tensors, path)  # a model file that cannot be sampled is refused here too
+    return schedule
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFile:
     tensors, meta, data = read(path, MODEL_FORMAT)
     cfg, schedule, prediction, names = _parse_model_meta(meta, path)
+    _check_tensors(cfg, tensors, path)
     model = DiT(cfg)
     try:
         model.load_state_dict(tensors, strict=True)
