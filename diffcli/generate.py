@@ -22,6 +22,7 @@ from diffcli.samplers import SAMPLERS, sample
 DEFAULT_NAME = "{seed}-{index:04d}.png"
 NAME_FIELDS = {"seed", "index", "class", "steps", "sampler"}
 DEFAULT_WEIGHTS = "diffcli-mnist.safetensors"
+MAX_IMAGES = 100_000  # per run; every name is planned up front, so a typo like -n 10000000000 fails fast
 
 
 def all_sampler_names() -> tuple[str, ...]:
@@ -129,7 +130,7 @@ def resolve_classes(tokens: list[str], mf: ModelFile, n: int) -> list[int | None
             picked.extend(range(len(names)))
         elif tok in names:
             picked.append(names.index(tok))
-        elif tok.lstrip("-").isdigit():
+        elif tok.removeprefix("-").isdecimal():  # not isdigit: int() refuses "²"
             i = int(tok)
             if not 0 <= i < len(names):
                 raise UsageError(f"class {i} is out of range: this model has classes 0..{len(names) - 1}")
@@ -146,7 +147,7 @@ def check_template(template: str) -> None:
     except ValueError as e:
         raise UsageError(f"bad --name template {template!r}: {e}") from None
     for _, fld, _, _ in parsed:
-        if fld is not None and fld.split(".")[0].split("[")[0] not in NAME_FIELDS:
+        if fld is not None and fld not in NAME_FIELDS:  # bare fields only: {seed.real}, {index[0]} reach into Python objects
             raise UsageError(f"unknown field {{{fld}}} in --name; use {', '.join(sorted(NAME_FIELDS))}")
     if os.path.isabs(template) or template.startswith("~"):
         raise UsageError(f"--name must be a file name inside --out, not an absolute path: {template!r}")
@@ -208,8 +209,9 @@ def plan(opts: SampleOptions) -> Plan:
         raise UsageError(f"--guidance must be >= 0, got {opts.guidance}")
     if opts.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    if opts.num_images is not None and opts.num_images < 1:
-        raise UsageError(f"--num-images must be >= 1, got {opts.num_images}")
+    if opts.num_images is not None and not 1 <= opts.num_images <= MAX_IMAGES:
+        raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES} (split bigger jobs with --seed), "
+                         f"got {opts.num_images}")
     if opts.threads is not None and opts.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {opts.threads}")
     if opts.sampler not in all_sampler_names():
