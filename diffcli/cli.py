@@ -7,6 +7,7 @@ errors are DiffcliError subclasses, turned into one `Error: ...` line and their 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, TypeVar
@@ -32,8 +33,17 @@ def _err(message: str) -> None:
     print(f"Error: {message}", file=sys.stderr)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_core(fn: Callable[[], T]) -> T:
-    """Run a core call; map library exceptions to `Error: ...` and the class's exit code."""
+    """Run a core call; map library exceptions to `Error: ...` and the class's exit code. SIGTERM
+    stops it like Ctrl-C (exit 130; an atomic write in progress removes its temporary file)."""
+    try:
+        old = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread
+        old = None
     try:
         return fn()
     except DiffcliError as e:
@@ -44,6 +54,9 @@ def run_core(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def version_callback(value: bool) -> None:
@@ -287,18 +300,22 @@ def main() -> None:
         from typer._click import exceptions as click_errors
     except ImportError:
         from click import exceptions as click_errors
+    no_args_help = getattr(click_errors, "NoArgsIsHelpError", ())  # click >= 8.2
 
     try:
         code = app(prog_name="diffcli", standalone_mode=False)  # a typer.Exit comes back as its code
-    except click_errors.NoArgsIsHelpError as e:
+    except no_args_help as e:
         help_text = e.format_message()  # empty when rich has printed the help already
         if help_text.strip():
             print(help_text)
         code = e.exit_code
     except click_errors.UsageError as e:
         ctx = getattr(e, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        _err(" ".join(e.format_message().split()) + hint)
+        if ctx is not None:
+            command = ctx.command_path
+        else:  # some parser errors carry no context: name the subcommand from argv
+            command = " ".join(["diffcli", *[a for a in sys.argv[1:2] if not a.startswith("-")]])
+        _err(" ".join(e.format_message().split()) + f" (see '{command} --help')")
         code = 2
     except click_errors.ClickException as e:
         _err(" ".join(e.format_message().split()))
