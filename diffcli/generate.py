@@ -161,8 +161,9 @@ def render_name(template: str, out: Path, fields_: dict[str, Any]) -> Path:
     path = (out / name).resolve()
     if path != out.resolve() and out.resolve() not in path.parents:
         raise UsageError(f"--name {template!r} would write outside the output folder: {name}")
-    if not name or name.endswith(("/", os.sep)):
-        raise UsageError(f"--name {template!r} gives an empty file name")
+    if not name or name.endswith(("/", os.sep)) or Path(name).name in ("", ".."):
+        # "." or "sub/.." would name a folder: the image would replace --out itself, or fail with exit 3
+        raise UsageError(f"--name {template!r} gives no file name: {name!r}")
     return out / name
 
 

@@ -57,7 +57,7 @@ class_token = mostly(st.sampled_from(CLASSES + ["0", "1", "2", "all"]),
                      st.sampled_from(["3", "-1", "12", "-0", "--1", "²", "Cat", "", " 1"]))
 valid_name = st.lists(st.sampled_from(["{seed}", "{index}", "{index:04d}", "{class}", "{steps}", "{sampler}", "x", "-",
                                        "sub/", "é", " ", ".png"]), min_size=1, max_size=5).map("".join)
-invalid_name = st.lists(st.sampled_from(["{bogus}", "{seed.real}", "{index[0]}", "{seed:q}", "{", "}", "{}", "/", "..",
+invalid_name = st.lists(st.sampled_from(["{bogus}", "{seed.real}", "{index[0]}", "{seed:q}", "{", "}", "{}", "/", ".", "..",
                                          "../", "~", "{seed}", "\\", "%s"]), max_size=5).map("".join)
 name = mostly(valid_name, invalid_name)
 

@@ -270,6 +270,9 @@ def test_bad_model_files_exit_4(diffcli, tmp_path, models, command, kind):
     [
         ("{seed}/../../x.png", "outside the output folder"),
         ("~/x.png", "not an absolute path"),
+        (".", "gives no file name"),  # would have written the image in place of the output folder
+        ("{seed}/..", "gives no file name"),
+        ("{seed}/", "gives no file name"),
         ("{seed.real}.png", "unknown field {seed.real}"),  # attribute access would reach into Python objects
         ("{index[0]}.png", "unknown field {index[0]}"),
         ("{seed.__class__.__init__.__globals__}.png", "unknown field"),
