@@ -99,6 +99,10 @@ def inspect_schedule(
     spacing: Optional[str] = typer.Option(
         None, help="Spacing of those steps: leading, trailing or linspace.", show_default="trailing"
     ),
+    sampler: Optional[str] = typer.Option(
+        None, "--sampler", help="With --steps: the steps of this sampler (ddim, ddpm, euler, euler_a, heun, dpm++2m)."
+    ),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="With an ODE --sampler: 'karras' step sigmas."),
     rows: Optional[int] = typer.Option(
         None, help="Show this many evenly spaced timesteps, t=0 and t=T-1 included.", show_default="11; every row with --json/--csv"
     ),
@@ -119,7 +123,7 @@ def inspect_schedule(
         schedules = core.load_schedules(
             schedule, compare, timesteps, beta_start, beta_end, zero_terminal_snr, checkpoint
         )
-        return core.choose_rows(schedules, rows, steps, spacing, every_row=json_out or csv_out)
+        return core.choose_rows(schedules, rows, steps, spacing, json_out or csv_out, sampler, sigmas)
 
     inspection = run_core(build)
     if plot is not None:

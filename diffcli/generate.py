@@ -217,6 +217,9 @@ def plan(opts: SampleOptions) -> Plan:
         raise UsageError(f"--threads must be >= 1, got {opts.threads}")
     if opts.sampler not in all_sampler_names():
         raise UsageError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(all_sampler_names())}")
+    from diffcli import ode
+
+    ode.check_sigmas(opts.sampler, opts.sigmas)
     if opts.overwrite and opts.skip_existing:
         raise UsageError("--overwrite and --skip-existing exclude each other")
     if opts.seed is not None and not 0 <= opts.seed < 2**63 - 2**32:
@@ -288,6 +291,8 @@ def run(
     }
     if opts.sampler == "ddim":
         common["eta"] = opts.eta
+    if opts.sigmas:
+        common["sigmas"] = opts.sigmas  # the step schedule, needed to reproduce the image
     for i in range(len(p.seeds)):
         if i not in todo:
             yield {"path": str(p.paths[i]), "index": i, "seed": p.seeds[i], "skipped": True}
@@ -307,7 +312,7 @@ def run(
                 denoiser, mf.schedule, shape, opts.steps, opts.sampler, seeds=[p.seeds[i] for i in idx],
                 labels=labels, null_label=null, guidance=p.guidance, prediction=mf.prediction, eta=opts.eta,
                 spacing=opts.spacing, clip_x0=1.0 if opts.clip_x0 else None, device=p.device, callback=cb,
-                **({"sigmas": opts.sigmas} if opts.sigmas else {}),
+                sigmas=opts.sigmas,
             )
             done_steps += opts.steps * len(idx)
             seconds = (time.perf_counter() - t0) / len(idx)

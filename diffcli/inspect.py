@@ -9,6 +9,11 @@ formats them. Columns, in the paper notation of diffcli.schedule:
                 the coefficients of x_0 and eps in x_t (DDPM Eq. 4)
     snr_db      10 log10 SNR_t; -inf where alpha_bar_t = 0 (zero terminal SNR)
     sigma       sqrt((1 - alpha_bar_t) / alpha_bar_t); inf where alpha_bar_t = 0
+
+With --sampler naming an ODE sampler (diffcli.ode) the rows are the noise levels it steps from, which
+with --sigmas karras lie between timesteps: such a row has a fractional t (log sigma interpolated over
+the table, as the sampler queries the model), alpha_bar = 1 / (1 + sigma^2) and beta interpolated
+linearly in t.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from diffcli import images, plot
+from diffcli import images, ode, plot
 from diffcli.errors import OutputExistsError, UsageError
+from diffcli.samplers import SAMPLERS
 from diffcli.schedule import NoiseSchedule, ScheduleSpec
 
 TABLE_ROWS = 11  # rows of the table when neither --rows nor --steps is given
@@ -32,9 +38,9 @@ DB = 10 / math.log(10)  # 10 log10(x) = DB * ln(x): log-SNR in decibels
 
 @dataclass(frozen=True)
 class Row:
-    """One timestep of one schedule."""
+    """One timestep of one schedule (t fractional only between timesteps, see the module doc)."""
 
-    t: int
+    t: int | float
     beta: float
     alpha_bar: float
     sqrt_alpha_bar: float
@@ -51,9 +57,13 @@ class Inspection:
     """What to show: the schedules (all with the same T) and the timesteps of the rows, in order."""
 
     schedules: list[NoiseSchedule]
-    timesteps: list[int]
+    timesteps: list[int | float]  # fractional only for ODE steps between timesteps
     steps: int | None = None  # set when the rows are the timesteps a sampler visits
     spacing: str | None = None
+    sampler: str | None = None  # set when --sampler was given
+    sigmas: str | None = None  # the ODE step schedule: None (the spacing's timesteps) or "karras"
+    step_sigmas: list[float] | None = None  # ODE samplers: the N + 1 sigmas visited, the last one 0
+    nfe: int | None = None  # model evaluations per image of that sampler
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,16 +125,38 @@ def choose_rows(
     steps: int | None = None,
     spacing: str | None = None,
     every_row: bool = False,
+    sampler: str | None = None,
+    sigmas: str | None = None,
 ) -> Inspection:
-    """Rows for the timesteps a sampler visits (`steps`), `rows` evenly spaced ones, or by default
-    every timestep (every_row, for JSON and CSV) or TABLE_ROWS of them."""
+    """Rows for the timesteps a sampler visits (`steps`; `sampler` and `sigmas` as for sampling),
+    `rows` evenly spaced ones, or by default every timestep (every_row, for JSON and CSV) or
+    TABLE_ROWS of them."""
     T = schedules[0].num_timesteps
+    if steps is None and (sampler is not None or sigmas is not None):
+        raise UsageError(f"--{'sampler' if sampler is not None else 'sigmas'} needs --steps")
     if steps is not None:
         if rows is not None:
             raise UsageError("give either --rows or --steps, not both")
-        spacing = spacing or "trailing"
-        visited = [int(t) for t in schedules[0].timesteps(steps, spacing)]
-        return Inspection(schedules, visited, steps, spacing)
+        if sampler is None or sampler in SAMPLERS:
+            if sigmas is not None:
+                raise UsageError(f"--sigmas needs an ODE --sampler ({', '.join(ode.SAMPLERS)})")
+            spacing = spacing or "trailing"
+            visited = [int(t) for t in schedules[0].timesteps(steps, spacing)]
+            return Inspection(schedules, visited, steps, spacing, sampler, nfe=None if sampler is None else steps)
+        if sampler not in ode.SAMPLERS:
+            names = ", ".join(SAMPLERS + ode.SAMPLERS)
+            raise UsageError(f"unknown sampler {sampler!r}; choose one of {names}")
+        ode.check_sigmas(sampler, sigmas)
+        if sigmas == "karras":
+            if spacing is not None:
+                raise UsageError("--spacing does not apply to --sigmas karras")
+            if len(schedules) > 1:
+                raise UsageError("--sigmas karras depends on each schedule's sigma range; inspect one schedule at a time")
+        else:
+            spacing = spacing or "trailing"
+        sig = ode.step_sigmas(schedules[0], steps, spacing or "trailing", sigmas)
+        visited = [_int_if_whole(ode.sigma_to_t(schedules[0], s)) for s in sig[:-1]]
+        return Inspection(schedules, visited, steps, spacing, sampler, sigmas, sig, ode.nfe(sampler, steps))
     if spacing is not None:
         raise UsageError("--spacing needs --steps")
     if rows is None:
@@ -135,6 +167,10 @@ def choose_rows(
 # --------------------------------------------------------------------------------------------------
 # Numbers
 # --------------------------------------------------------------------------------------------------
+
+
+def _int_if_whole(t: float) -> int | float:
+    return int(t) if float(t).is_integer() else t
 
 
 def row(schedule: NoiseSchedule, t: int) -> Row:
@@ -148,6 +184,27 @@ def row(schedule: NoiseSchedule, t: int) -> Row:
         snr_db=float(s.log_snr[t]) * DB,
         sigma=float(s.sigmas[t]),
     )
+
+
+def row_between(schedule: NoiseSchedule, t: float, sigma: float) -> Row:
+    """A noise level between timesteps (t = ode.sigma_to_t(sigma), fractional): alpha_bar = 1 / (1 + sigma^2)
+    as the ODE samplers use it, beta interpolated linearly in t."""
+    i, frac = math.floor(t), t - math.floor(t)
+    ab = 1 / (1 + sigma**2)
+    beta = (1 - frac) * float(schedule.betas[i]) + frac * float(schedule.betas[i + 1])
+    return Row(t, beta, ab, math.sqrt(ab), math.sqrt(1 - ab), -2 * math.log(sigma) * DB, sigma)
+
+
+def rows_of(inspection: Inspection, schedule: NoiseSchedule) -> list[Row]:
+    """The rows of one schedule: table rows at whole timesteps, row_between at the visited sigma elsewhere."""
+    out = []
+    for i, t in enumerate(inspection.timesteps):
+        if isinstance(t, int):
+            out.append(row(schedule, t))
+        else:
+            assert inspection.step_sigmas is not None  # only ODE step sigmas fall between timesteps
+            out.append(row_between(schedule, t, inspection.step_sigmas[i]))
+    return out
 
 
 def zero_db_crossing(schedule: NoiseSchedule) -> int | None:
@@ -193,9 +250,20 @@ def heading(inspection: Inspection) -> str:
         text += f", beta {spec.beta_start:g} to {spec.beta_end:g}"
     if spec.zero_terminal_snr:
         text += ", zero terminal SNR"
-    if inspection.steps is not None:
-        text += f": the {inspection.steps} timesteps a sampler visits ({inspection.spacing} spacing), in order"
+    n, sampler = inspection.steps, inspection.sampler
+    if n is not None and inspection.step_sigmas is not None:
+        how = "karras sigmas, rho 7" if inspection.sigmas == "karras" else f"{inspection.spacing} spacing"
+        text += (
+            f": the {n} noise levels {sampler} steps from ({how}), in order, then sigma 0; "
+            f"{inspection.nfe} model evaluations"
+        )
+    elif n is not None:
+        text += f": the {n} timesteps {sampler or 'a sampler'} visits ({inspection.spacing} spacing), in order"
     return text
+
+
+def _t_text(t: float) -> str:
+    return str(t) if isinstance(t, int) else f"{t:.2f}"
 
 
 def tables(inspection: Inspection) -> list[Table]:
@@ -206,10 +274,9 @@ def tables(inspection: Inspection) -> list[Table]:
         tab = Table()
         for header in ("t", "beta", "alpha_bar", "sqrt(ab)", "sqrt(1-ab)", "SNR dB", "sigma"):
             tab.add_column(header, justify="right")
-        for t in ts:
-            r = row(schedules[0], t)
+        for t, r in zip(ts, rows_of(inspection, schedules[0])):
             cells = [r.beta, r.alpha_bar, r.sqrt_alpha_bar, r.sqrt_one_minus_alpha_bar]
-            tab.add_row(str(t), *map(_short, cells), f"{r.snr_db:.2f}", _short(r.sigma))
+            tab.add_row(_t_text(t), *map(_short, cells), f"{r.snr_db:.2f}", _short(r.sigma))
         return [tab]
     out = []
     for quantity, cell in (("alpha_bar", lambda r: _short(r.alpha_bar)), ("SNR dB", lambda r: f"{r.snr_db:.2f}")):
@@ -217,8 +284,9 @@ def tables(inspection: Inspection) -> list[Table]:
         tab.add_column("t", justify="right")
         for s in schedules:
             tab.add_column(s.kind, justify="right")
-        for t in ts:
-            tab.add_row(str(t), *(cell(row(s, t)) for s in schedules))
+        columns = [rows_of(inspection, s) for s in schedules]
+        for k, t in enumerate(ts):
+            tab.add_row(_t_text(t), *(cell(rows[k]) for rows in columns))
         out.append(tab)
     return out
 
@@ -229,16 +297,20 @@ def _finite_or_none(x: float) -> float | None:
 
 def to_json(inspection: Inspection) -> str:
     """Every value at full float64 precision; inf and -inf become null."""
+    sampling = None
+    if inspection.steps is not None:
+        sampling = {"steps": inspection.steps, "spacing": inspection.spacing, "timesteps": inspection.timesteps}
+        if inspection.sampler is not None:
+            sampling.update(sampler=inspection.sampler, sigmas=inspection.sigmas, nfe=inspection.nfe)
+            sampling["step_sigmas"] = inspection.step_sigmas  # ODE samplers only; None for ddim/ddpm
     out = {
-        "sampling": None
-        if inspection.steps is None
-        else {"steps": inspection.steps, "spacing": inspection.spacing, "timesteps": inspection.timesteps},
+        "sampling": sampling,
         "schedules": [
             {
                 "schedule": s.to_dict(),
                 "terminal_snr_db": _finite_or_none(row(s, s.num_timesteps - 1).snr_db),
                 "snr_below_0db_from_t": zero_db_crossing(s),
-                "rows": [{k: _finite_or_none(v) for k, v in asdict(row(s, t)).items()} for t in inspection.timesteps],
+                "rows": [{k: _finite_or_none(v) for k, v in asdict(r).items()} for r in rows_of(inspection, s)],
             }
             for s in inspection.schedules
         ],
@@ -252,8 +324,8 @@ def to_csv(inspection: Inspection) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("schedule",) + COLUMNS)
     for s in inspection.schedules:
-        for t in inspection.timesteps:
-            writer.writerow([s.kind, *(repr(v) for v in asdict(row(s, t)).values())])
+        for r in rows_of(inspection, s):
+            writer.writerow([s.kind, *(repr(v) for v in asdict(r).values())])
     return buf.getvalue()
 
 
@@ -271,8 +343,11 @@ def plot_schedules(inspection: Inspection, path: Path, width: int, height: int, 
         raise UsageError(f"the plot is written as PNG; give a file name ending in .png, got {str(path)!r}")
     if Path(path).exists() and not overwrite:  # fail before drawing; the write itself is exclusive too
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    marks = inspection.timesteps if inspection.steps is not None else []
-    mark_label = f"{inspection.steps} steps, {inspection.spacing}" if marks else None
+    marks = [round(t) for t in inspection.timesteps] if inspection.steps is not None else []  # nearest t
+    mark_label = None
+    if marks:
+        how = "karras" if inspection.sigmas == "karras" else inspection.spacing
+        mark_label = f"{inspection.sampler + ' ' if inspection.sampler else ''}{inspection.steps} steps, {how}"
     T = inspection.schedules[0].num_timesteps
     alpha_bar, snr_db = [], []
     for s in inspection.schedules:

@@ -200,7 +200,8 @@ class ImageNoise:
 class SampleResult:
     images: torch.Tensor  # (B, C, H, W), model space, about [-1, 1]
     nfe: int  # model evaluations per image (a guided evaluation counts once)
-    timesteps: list[int]
+    timesteps: list[int] | list[float]  # where each step queries the model; fractional for diffcli.ode
+    sigmas: list[float] | None = None  # diffcli.ode: the VE noise levels visited, the last one 0
 
 
 def sample(
@@ -222,20 +223,23 @@ def sample(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,
+    sigmas: str | None = None,
 ) -> SampleResult:
     """Turn per-image noise into images: one image per seed, shape (C, H, W) each.
 
     labels: (B,) class indices (None: unconditional, the null class when the model has one).
     callback(step_index, total_steps) is called after every step (for progress bars).
+    sigmas: the step schedule of the ODE samplers in diffcli.ode (None or 'karras'); not for ddim/ddpm.
     """
-    if sampler not in SAMPLERS:
-        from diffcli import ode
+    from diffcli import ode
 
+    ode.check_sigmas(sampler, sigmas)
+    if sampler not in SAMPLERS:
         if sampler in ode.SAMPLERS:
             return ode.sample(
                 denoiser, schedule, shape, steps, sampler, seeds=seeds, labels=labels, null_label=null_label,
                 guidance=guidance, prediction=prediction, spacing=spacing, clip_x0=clip_x0, device=device,
-                dtype=dtype, callback=callback,
+                dtype=dtype, callback=callback, sigmas=sigmas,
             )
         raise UsageError(f"unknown sampler {sampler!r}")
     device = torch.device(device)
