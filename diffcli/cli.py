@@ -102,7 +102,7 @@ def inspect_schedule(
     sampler: Optional[str] = typer.Option(
         None, "--sampler", help="With --steps: the steps of this sampler (ddim, ddpm, euler, euler_a, heun, dpm++2m)."
     ),
-    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="With an ODE --sampler: 'karras' step sigmas."),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="With an ODE --sampler: 'karras' or 'edm' step sigmas."),
     rows: Optional[int] = typer.Option(
         None, help="Show this many evenly spaced timesteps, t=0 and t=T-1 included.", show_default="11; every row with --json/--csv"
     ),
@@ -152,11 +152,11 @@ def inspect_schedule(
 @app.command()
 def sample(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model file (.safetensors). Default: the model shipped in weights/."),
-    steps: int = typer.Option(50, "--steps", "-s", help="Sampling steps."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim, ddpm, euler, euler_a, heun or dpm++2m."),
+    steps: int = typer.Option(15, "--steps", "-s", help="Sampling steps."),
+    sampler: str = typer.Option("dpm++2m", "--sampler", help="dpm++2m, heun, euler, euler_a, ddim or ddpm."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta: 0 deterministic, 1 DDPM-like."),
     spacing: str = typer.Option("trailing", "--spacing", help="Timestep spacing: trailing, leading or linspace."),
-    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Step schedule for the ODE samplers: 'karras'."),
+    sigmas: str = typer.Option("auto", "--sigmas", help="Step sizes for the ODE samplers: edm (Karras rho 7 from sigma 80), karras (over the model's whole sigma range), none (the --spacing timesteps); auto: edm for ODE samplers."),
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="Images to make. Default: one per class (16 for an unconditional model)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward batch."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; image i gets seed+i. Random (and printed) when omitted."),

@@ -72,7 +72,8 @@ def parameters_text(p: dict[str, Any]) -> str:
         ("Model hash", p.get("model_hash")),
         ("Class", p.get("class")),
         ("Eta", p.get("eta") if p.get("sampler") == "ddim" else None),
-        ("Spacing", p.get("spacing")),
+        ("Spacing", p.get("spacing") if not p.get("sigmas") else None),
+        ("Sigmas", p.get("sigmas")),
         ("NFE", p.get("nfe")),
         ("Version", f"diffcli {p['diffcli_version']}" if "diffcli_version" in p else None),
     ]

@@ -61,7 +61,7 @@ class Inspection:
     steps: int | None = None  # set when the rows are the timesteps a sampler visits
     spacing: str | None = None
     sampler: str | None = None  # set when --sampler was given
-    sigmas: str | None = None  # the ODE step schedule: None (the spacing's timesteps) or "karras"
+    sigmas: str | None = None  # the ODE step schedule: None (the spacing's timesteps) "karras" or "edm"
     step_sigmas: list[float] | None = None  # ODE samplers: the N + 1 sigmas visited, the last one 0
     nfe: int | None = None  # model evaluations per image of that sampler
 
@@ -147,16 +147,16 @@ def choose_rows(
             names = ", ".join(SAMPLERS + ode.SAMPLERS)
             raise UsageError(f"unknown sampler {sampler!r}; choose one of {names}")
         ode.check_sigmas(sampler, sigmas)
-        if sigmas == "karras":
+        if sigmas is not None:
             if spacing is not None:
-                raise UsageError("--spacing does not apply to --sigmas karras")
+                raise UsageError(f"--spacing does not apply to --sigmas {sigmas}")
             if len(schedules) > 1:
-                raise UsageError("--sigmas karras depends on each schedule's sigma range; inspect one schedule at a time")
+                raise UsageError(f"--sigmas {sigmas} depends on each schedule's sigma range; inspect one schedule at a time")
         else:
             spacing = spacing or "trailing"
         sig = ode.step_sigmas(schedules[0], steps, spacing or "trailing", sigmas)
         visited = [_int_if_whole(ode.sigma_to_t(schedules[0], s)) for s in sig[:-1]]
-        return Inspection(schedules, visited, steps, spacing, sampler, sigmas, sig, ode.nfe(sampler, steps))
+        return Inspection(schedules, visited, steps, spacing, sampler, sigmas, sig, ode.nfe(sampler, steps, sigmas, schedules[0]))
     if spacing is not None:
         raise UsageError("--spacing needs --steps")
     if rows is None:
@@ -252,7 +252,7 @@ def heading(inspection: Inspection) -> str:
         text += ", zero terminal SNR"
     n, sampler = inspection.steps, inspection.sampler
     if n is not None and inspection.step_sigmas is not None:
-        how = "karras sigmas, rho 7" if inspection.sigmas == "karras" else f"{inspection.spacing} spacing"
+        how = f"{inspection.sigmas} sigmas, rho 7" if inspection.sigmas else f"{inspection.spacing} spacing"
         text += (
             f": the {n} noise levels {sampler} steps from ({how}), in order, then sigma 0; "
             f"{inspection.nfe} model evaluations"
@@ -346,7 +346,7 @@ def plot_schedules(inspection: Inspection, path: Path, width: int, height: int, 
     marks = [round(t) for t in inspection.timesteps] if inspection.steps is not None else []  # nearest t
     mark_label = None
     if marks:
-        how = "karras" if inspection.sigmas == "karras" else inspection.spacing
+        how = inspection.sigmas or inspection.spacing
         mark_label = f"{inspection.sampler + ' ' if inspection.sampler else ''}{inspection.steps} steps, {how}"
     T = inspection.schedules[0].num_timesteps
     alpha_bar, snr_db = [], []

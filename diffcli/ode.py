@@ -23,6 +23,11 @@ that belongs to that sigma, ab = 1 / (1 + sigma^2), so x_t has the variance of t
 Step schedules (the sigmas visited, descending, always ending at sigma = 0):
     default   the --spacing timesteps of the DDIM/DDPM samplers, sigma_t = schedule.sigmas[t]
     karras    EDM Eq. 5 with rho = 7 between the schedule's sigma_min = sigmas[0] and sigma_max = sigmas[-1]
+    edm       the same with EDM's sigma_max = 80 (Karras et al. 2022, Sec. 5) when the schedule's is larger:
+              one first-order step from the schedule's sigma_max down to 80, then rho = 7 from 80 to
+              sigma_min. A clipped cosine schedule has sigma 2e4 at t = 999 (641 at t = 998), so plain
+              karras spends about half of a 10-step budget above sigma = 600, where the image does not
+              change; edm spends it where it does.
 With a zero-terminal-SNR schedule sigma at t = T - 1 is infinite (alpha_bar = 0); the ODE samplers
 clamp it to the largest finite sigma of the table (t = T - 2; about 1.5e4 for the linear schedule)
 rather than refuse. Starting from x = sigma_max n leaves out the x_0 in x = x_0 + sigma_max n, a
@@ -52,8 +57,9 @@ from diffcli.samplers import (
 from diffcli.schedule import NoiseSchedule
 
 SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm++2m")
-SIGMA_SCHEDULES: tuple[str, ...] = ("karras",)
+SIGMA_SCHEDULES: tuple[str, ...] = ("karras", "edm")
 KARRAS_RHO = 7.0  # EDM Sec. 3: rho = 7 spends more steps at low noise, where the image takes shape
+EDM_SIGMA_MAX = 80.0  # EDM Table 1: sigma_max = 80
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,12 +68,12 @@ KARRAS_RHO = 7.0  # EDM Sec. 3: rho = 7 spends more steps at low noise, where th
 
 
 def check_sigmas(sampler: str, sigmas: str | None) -> None:
-    """--sigmas is None (the --spacing timesteps) or 'karras', and only for the ODE samplers."""
+    """--sigmas is None (the --spacing timesteps), 'karras' or 'edm', and only for the ODE samplers."""
     if sigmas is None:
         return
     if sigmas not in SIGMA_SCHEDULES:
         raise UsageError(
-            f"unknown sigmas {sigmas!r}; the only step schedule is 'karras' (leave it out for the --spacing timesteps)"
+            f"unknown sigmas {sigmas!r}; choose karras or edm (or leave it out for the --spacing timesteps)"
         )
     if sampler not in SAMPLERS:
         raise UsageError(
@@ -76,9 +82,18 @@ def check_sigmas(sampler: str, sigmas: str | None) -> None:
         )
 
 
-def nfe(sampler: str, steps: int) -> int:
-    """Model evaluations per image: heun evaluates twice per step except the last (to sigma = 0)."""
-    return 2 * steps - 1 if sampler == "heun" else steps
+def nfe(sampler: str, steps: int, sigmas: str | None = None, schedule: NoiseSchedule | None = None) -> int:
+    """Model evaluations per image: heun evaluates twice per step except the last (to sigma = 0) and
+    the first-order edm jump (see edm_jump)."""
+    if sampler != "heun":
+        return steps
+    jump = schedule is not None and edm_jump(step_sigmas(schedule, steps, "trailing", sigmas), sigmas)
+    return 2 * steps - 1 - (1 if jump else 0)
+
+
+def edm_jump(sig: Sequence[float], sigmas: str | None) -> bool:
+    """Whether an 'edm' step list starts with the first-order step from the schedule's sigma_max to 80."""
+    return sigmas == "edm" and len(sig) > 2 and sig[0] > EDM_SIGMA_MAX and sig[1] == EDM_SIGMA_MAX
 
 
 def _finite_sigmas(schedule: NoiseSchedule) -> torch.Tensor:
@@ -122,10 +137,14 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = K
 def step_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", sigmas: str | None = None) -> list[float]:
     """The N + 1 sigmas an ODE sampler with N steps visits, descending, the last one 0."""
     check_sigmas(SAMPLERS[0], sigmas)  # the value only; any ODE sampler accepts it
-    if sigmas == "karras":
+    if sigmas in SIGMA_SCHEDULES:
         if not isinstance(steps, int) or steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")
-        out = karras_sigmas(steps, float(schedule.sigmas[0]), sigma_max(schedule))
+        top, low = sigma_max(schedule), float(schedule.sigmas[0])
+        if sigmas == "edm" and top > EDM_SIGMA_MAX and steps >= 2:
+            out = [top] + karras_sigmas(steps - 1, low, EDM_SIGMA_MAX)
+        else:
+            out = karras_sigmas(steps, low, top)
     else:
         top = sigma_max(schedule)
         out = [min(float(schedule.sigmas[t]), top) for t in schedule.timesteps(steps, spacing).tolist()]
@@ -278,7 +297,7 @@ def sample(
 ) -> SampleResult:
     """Turn per-image noise into images with an ODE sampler; the arguments are those of samplers.sample.
 
-    sigmas: None (the `spacing` timesteps) or 'karras'. With dtype float64 the timestep handed to the
+    sigmas: None (the `spacing` timesteps), 'karras' or 'edm'. With dtype float64 the timestep handed to the
     model is float64 too (for tests against closed forms); otherwise float32, as in samplers.sample.
     """
     if sampler not in SAMPLERS:
@@ -295,6 +314,16 @@ def sample(
     denoise = VEDenoiser(guided(denoiser, guidance, null_label), schedule, labels, prediction, clip_x0, t_dtype)
     noise = ImageNoise(seeds, shape, device, dtype)
     x = noise.draw() * sig[0]  # x = x_0 + sigma_max n with the signal negligible: (B, C, H, W)
-    x = STEPPERS[sampler](denoise, x, sig, noise, callback or (lambda i, n: None))
+    cb = callback or (lambda i, n: None)
+    if edm_jump(sig, sigmas):
+        # edm: the step from the schedule's sigma_max down to 80 is one Euler step for every sampler
+        # (a trapezoidal or multistep correction over a 250x sigma ratio is no better than Euler and
+        # heun's goes far wrong); the sampler proper starts at sigma = 80
+        N = len(sig) - 1
+        x = x + (sig[1] - sig[0]) * (x - denoise(x, sig[0])) / sig[0]
+        cb(1, N)
+        x = STEPPERS[sampler](denoise, x, sig[1:], noise, lambda i, n: cb(i + 1, N))
+    else:
+        x = STEPPERS[sampler](denoise, x, sig, noise, cb)
     ts = [sigma_to_t(schedule, s) for s in sig[:-1]]
     return SampleResult(images=x, nfe=denoise.calls, timesteps=ts, sigmas=sig)

@@ -76,7 +76,7 @@ def assert_one_error_line(result) -> str:
 
 def test_sample_16_images_and_a_grid(tmp_path, rgb):
     out, grid = tmp_path / "out", tmp_path / "g.png"
-    result = diffcli("sample", "--checkpoint", rgb, "--steps", 50, "-n", 16, "--grid", grid, "--seed", 7, "-o", out)
+    result = diffcli("sample", "--checkpoint", rgb, "--sampler", "ddim", "--steps", 50, "-n", 16, "--grid", grid, "--seed", 7, "-o", out)
     assert result.exit_code == 0, result.output
     names = [f"{7 + i}-{i:04d}.png" for i in range(16)]
     assert result.stdout.splitlines() == [str(out / n) for n in names] + [str(grid)]
@@ -121,7 +121,7 @@ def test_grayscale_model_writes_L_pngs(tmp_path, models):
 
 
 def test_json_lines(tmp_path, rgb):
-    result = diffcli("sample", "-c", rgb, "--steps", 4, "-n", 4, "--seed", 3, "-o", tmp_path, "--json", "-g", 1.5)
+    result = diffcli("sample", "-c", rgb, "--sampler", "ddim", "--steps", 4, "-n", 4, "--seed", 3, "-o", tmp_path, "--json", "-g", 1.5)
     assert result.exit_code == 0, result.output
     *images, grid = json_lines(result.stdout)
     model_hash = hashlib.sha256(rgb.read_bytes()).hexdigest()[:10]
@@ -309,3 +309,23 @@ def test_absolute_name_exits_2(tmp_path, rgb):
         assert result.exit_code == 2, result.output
         assert "absolute path" in assert_one_error_line(result)
     assert not target.exists() and not (tmp_path / "out").exists()
+
+
+def test_default_sampler_is_dpmpp_2m_with_edm_sigmas_for_15_steps(tmp_path, rgb):
+    result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path, "--json", "--no-grid")
+    assert result.exit_code == 0, result.output
+    rec = json.loads(result.stdout.splitlines()[0])
+    assert (rec["sampler"], rec["steps"], rec["sigmas"], rec["nfe"]) == ("dpm++2m", 15, "edm", 15)
+    p = parameters(read_png_text(rec["path"])["parameters"])
+    assert p["Sampler"] == "dpm++2m" and p["Sigmas"] == "edm" and "Spacing" not in p
+
+
+def test_sigmas_none_uses_the_spacing_timesteps_and_auto_is_ignored_by_ddim(tmp_path, rgb):
+    result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "a", "--json", "--no-grid",
+                     "--sigmas", "none", "--steps", 5)
+    assert result.exit_code == 0, result.output
+    assert "sigmas" not in json.loads(result.stdout.splitlines()[0])
+    result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "b", "--sampler", "ddim", "--steps", 5)
+    assert result.exit_code == 0, result.output
+    result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "c", "--sampler", "ddim", "--sigmas", "edm")
+    assert result.exit_code == 2 and "needs an ODE sampler" in result.stderr

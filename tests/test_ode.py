@@ -364,3 +364,18 @@ def test_inspect_schedule_bad_sampler_options_exit_2(args, message):
     assert result.exit_code == 2
     assert result.stdout == ""
     assert message in result.stderr
+
+
+def test_edm_sigmas_jump_from_sigma_max_to_80_then_karras():
+    from diffcli.ode import EDM_SIGMA_MAX, karras_sigmas, nfe, sigma_max, step_sigmas
+
+    s = NoiseSchedule("cosine", 1000)
+    sig = step_sigmas(s, 15, sigmas="edm")
+    assert len(sig) == 16 and sig[-1] == 0.0
+    assert sig[0] == sigma_max(s) and sig[0] > 20000  # the clipped cosine schedule's last timestep
+    assert sig[1:-1] == karras_sigmas(14, float(s.sigmas[0]), EDM_SIGMA_MAX)
+    assert nfe("heun", 15, "edm", s) == 2 * 15 - 2  # the jump is one first-order evaluation
+    # a schedule whose sigma_max is below 80 gets plain karras sigmas
+    small = NoiseSchedule("linear", 1000, beta_end=0.005)
+    assert sigma_max(small) < EDM_SIGMA_MAX
+    assert step_sigmas(small, 10, sigmas="edm") == step_sigmas(small, 10, sigmas="karras")
