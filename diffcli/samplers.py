@@ -229,7 +229,7 @@ def sample(
 
     labels: (B,) class indices (None: unconditional, the null class when the model has one).
     callback(step_index, total_steps) is called after every step (for progress bars).
-    sigmas: the step schedule of the ODE samplers in diffcli.ode (None or 'karras'); not for ddim/ddpm.
+    sigmas: the step schedule of the ODE samplers in diffcli.ode (None, 'karras' or 'edm'); not for ddim/ddpm.
     """
     from diffcli import ode
 
