@@ -41,6 +41,18 @@ lint: install
 demo: install
 	$(VENV)/bin/diffcli sample --steps 50
 
+# Speed against diffusers and the machine's matmul peak: a table, and benchmarks/results.json.
+# About 10-15 minutes on 2 CPU cores; BENCH_FLAGS=--quick for a smoke run. The `bench` extra
+# (diffusers) goes into the venv next to the torch already there, which pip keeps.
+BENCH_FLAGS ?=
+BENCH_STAMP := $(VENV)/.diffcli-bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/run.py $(BENCH_FLAGS)
+
 # The shipped model: the exact recipe of weights/README.md. The run folder lives outside the
 # repository and `--resume auto` continues an interrupted run. About 9 hours on a 2-core CPU
 # (88 images/s); add TRAIN_FLAGS="--device cuda" on a GPU.
