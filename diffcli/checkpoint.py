@@ -1,4 +1,4 @@
-"""Model files and training state: safetensors with JSON metadata. Never unpickled.
+"""Model files and training state: safetensors with JSON metadata. Loading never runs code from the file.
 
 A model file holds the EMA weights of the plain module plus everything needed to sample:
     format            "diffcli.model"            format_version  "1"

@@ -318,7 +318,7 @@ class RunDir:
 
 
 # --------------------------------------------------------------------------------------------------
-# Training state: model, EMA, optimizer moments (safetensors, no pickle)
+# Training state: model, EMA, optimizer moments (safetensors only)
 # --------------------------------------------------------------------------------------------------
 
 
