@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, TypeVar
 import typer
 
 from diffcli import __version__
-from diffcli.errors import DiffcliError, UsageError
+from diffcli.errors import DiffcliError, Interrupted, UsageError
 
 app = typer.Typer(
     name="diffcli",
@@ -37,23 +37,36 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_core(fn: Callable[[], T]) -> T:
-    """Run a core call; map library exceptions to `Error: ...` and the class's exit code. SIGTERM
-    stops it like Ctrl-C (exit 130; an atomic write in progress removes its temporary file)."""
+def run_core(fn: Callable[[], T], json_command: str | None = None) -> T:
+    """Run a core call; map library exceptions to `Error: ...` and the class's exit code (with --json,
+    also an `error` record on stdout). SIGTERM stops it like Ctrl-C (exit 130; an atomic write in
+    progress removes its temporary file). A stop that saved its work (Interrupted) is a notice, not
+    an error."""
     try:
         old = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread
         old = None
+
+    def fail(message: str, code: int) -> typer.Exit:
+        if json_command:
+            from diffcli.records import emit
+
+            emit(json_command, "error", message=message, exit_code=code)
+        return typer.Exit(code)
+
     try:
         return fn()
+    except Interrupted as e:
+        print(e, file=sys.stderr)  # e.g. "interrupted at step 300; checkpoint saved in ... (resume with ...)"
+        raise fail(str(e), e.exit_code)
     except DiffcliError as e:
         if os.environ.get("DIFFCLI_DEBUG"):
             raise
         _err(str(e))
-        raise typer.Exit(e.exit_code)
+        raise fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _err("interrupted")
-        raise typer.Exit(130)
+        raise fail("interrupted", 130)
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
@@ -87,7 +100,7 @@ def root(
 @app.command("inspect-schedule")
 def inspect_schedule(
     schedule: Optional[str] = typer.Option(
-        None, help="linear, scaled_linear, cosine or sigmoid.", show_default="linear"
+        None, help="linear, scaled_linear, cosine or sigmoid.", show_default="cosine, as train"
     ),
     timesteps: Optional[int] = typer.Option(None, help="Number of diffusion timesteps T.", show_default="1000"),
     beta_start: Optional[float] = typer.Option(None, help="First beta (linear, scaled_linear, sigmoid).", show_default="1e-4"),
@@ -97,18 +110,19 @@ def inspect_schedule(
     compare: Optional[str] = typer.Option(None, help="Schedules side by side, e.g. linear,cosine."),
     steps: Optional[int] = typer.Option(None, help="Show the N timesteps a sampler with N steps visits."),
     spacing: Optional[str] = typer.Option(
-        None, help="Spacing of those steps: leading, trailing or linspace.", show_default="trailing"
+        None, help="Spacing of those steps (ddim, ddpm, --sigmas none): leading, trailing or linspace.", show_default="trailing"
     ),
     sampler: Optional[str] = typer.Option(
-        None, "--sampler", help="With --steps: the steps of this sampler (ddim, ddpm, euler, euler_a, heun, dpm++2m)."
+        None, "--sampler", help="With --steps: the steps of this sampler (ddim, ddpm, euler, euler_a, heun, dpm++2m).",
+        show_default="dpm++2m, as sample",
     ),
-    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="With an ODE --sampler: 'karras' or 'edm' step sigmas."),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="With an ODE --sampler: auto, edm, karras or none, as for sample.", show_default="auto"),
     rows: Optional[int] = typer.Option(
         None, help="Show this many evenly spaced timesteps, t=0 and t=T-1 included.", show_default="11; every row with --json/--csv"
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON with every value at full precision."),
+    json_out: bool = typer.Option(False, "--json", help="JSON Lines (sampling, schedule and row records) with every value at full precision."),
     csv_out: bool = typer.Option(False, "--csv", help="Print CSV with every value at full precision."),
-    plot: Optional[Path] = typer.Option(None, help="Also draw alpha_bar and log-SNR against t into this PNG."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw alpha_bar and log-SNR against t into this PNG (its folder must exist)."),
     width: int = typer.Option(900, help="Width of the plot in pixels."),
     height: int = typer.Option(600, help="Height of the plot in pixels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --plot file if it exists."),
@@ -125,21 +139,22 @@ def inspect_schedule(
         )
         return core.choose_rows(schedules, rows, steps, spacing, json_out or csv_out, sampler, sigmas)
 
-    inspection = run_core(build)
+    json_command = "inspect-schedule" if json_out else None
+    inspection = run_core(build, json_command)
     if plot is not None:
-        run_core(lambda: core.plot_schedules(inspection, plot, width, height, overwrite))
+        run_core(lambda: core.plot_schedules(inspection, plot, width, height, overwrite), json_command)
         if not quiet:
             print(f"wrote {plot} ({width}x{height})", file=sys.stderr)
     if json_out:
-        print(core.to_json(inspection))
+        sys.stdout.write("".join(text + "\n" for text in core.to_json_lines(inspection)))
     elif csv_out:
         sys.stdout.write(core.to_csv(inspection))
     else:
-        from rich.console import Console
+        from diffcli.progress import console
 
         print(core.heading(inspection))
         for table in core.tables(inspection):
-            Console().print(table)
+            console().print(table)
         for s in inspection.schedules:
             print(core.summary(s))
 
@@ -152,55 +167,67 @@ def inspect_schedule(
 @app.command()
 def sample(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model file (.safetensors). Default: the model shipped in weights/."),
-    steps: int = typer.Option(15, "--steps", "-s", help="Sampling steps."),
-    sampler: str = typer.Option("dpm++2m", "--sampler", help="dpm++2m, heun, euler, euler_a, ddim or ddpm."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM eta: 0 deterministic, 1 DDPM-like."),
-    spacing: str = typer.Option("trailing", "--spacing", help="Timestep spacing: trailing, leading or linspace."),
-    sigmas: str = typer.Option("auto", "--sigmas", help="Step sizes for the ODE samplers: edm (Karras rho 7 from sigma 80), karras (over the model's whole sigma range), none (the --spacing timesteps); auto: edm for ODE samplers."),
+    steps: Optional[int] = typer.Option(None, "--steps", "-s", help="Sampling steps.", show_default="15"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="dpm++2m, heun, euler, euler_a, ddim or ddpm.", show_default="dpm++2m"),
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta: 0 deterministic, 1 DDPM-like.", show_default="0"),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="Timesteps of ddim/ddpm and of --sigmas none: trailing, leading or linspace.", show_default="trailing"),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Step sizes for the ODE samplers: edm (Karras rho 7 from sigma 80), karras (over the model's whole sigma range), none (the --spacing timesteps); auto: edm for ODE samplers.", show_default="auto"),
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="Images to make. Default: one per class (16 for an unconditional model)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward batch."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; image i gets seed+i. Random (and printed) when omitted."),
     classes: List[str] = typer.Option([], "--class", help="Class index or name; repeatable; 'all' cycles through the classes."),
     guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Classifier-free guidance scale (1 = off). Default: the model file's."),
-    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder: it receives the images and nothing else."),
     name: str = typer.Option("{seed}-{index:04d}.png", "--name", help="File name template; fields {seed} {index} {class} {steps} {sampler}."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Grid PNG of all images. Default: OUT/grid-SEED.png."),
-    no_grid: bool = typer.Option(False, "--no-grid", help="Do not write a grid."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid PNG of all images here. Interactive runs without -n get one beside --out (OUT-grid-SEED.png)."),
+    no_grid: bool = typer.Option(False, "--no-grid", help="No grid, not even the interactive one."),
+    from_png: Optional[Path] = typer.Option(None, "--from-png", help="Render again the image a diffcli PNG records (seed, class, sampler, steps, ...); options given beside it override."),
+    force: bool = typer.Option(False, "--force", help="With --from-png: use this model even if its hash differs from the recorded one."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Keep existing files and make only the missing ones."),
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed generation parameters in the PNGs."),
-    no_clip: bool = typer.Option(False, "--no-clip", help="Do not clip the predicted x0 to [-1, 1]."),
+    clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip the predicted x0 to [-1, 1].", show_default="clip"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
-    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.", show_default="the CPUs this process may use"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16 or fp16.", show_default="auto"),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
+    json_out: bool = typer.Option(False, "--json", help="JSON Lines on stdout: image, grid and summary records (see README)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
 ) -> None:
     """Turn noise into PNGs with a trained model."""
-    import json
-
     from diffcli import generate
     from diffcli.progress import Progress
+    from diffcli.records import line
 
+    chosen = {
+        "steps": steps, "sampler": sampler, "eta": eta, "spacing": spacing, "sigmas": sigmas, "num_images": num_images,
+        "seed": seed, "classes": list(classes) or None, "guidance": guidance, "clip_x0": clip, "precision": precision,
+    }
+    given = {k for k, v in chosen.items() if v is not None}
     opts = generate.SampleOptions(
-        checkpoint=str(checkpoint) if checkpoint else None, steps=steps, sampler=sampler, eta=eta, spacing=spacing,
-        sigmas=sigmas, num_images=num_images, batch_size=batch_size, seed=seed, classes=list(classes),
-        guidance=guidance, out=str(out), name=name, grid=str(grid) if grid else None, no_grid=no_grid,
-        overwrite=overwrite, skip_existing=skip_existing, metadata=not no_metadata, device=device,
-        threads=threads, precision=precision, clip_x0=not no_clip,
+        checkpoint=str(checkpoint) if checkpoint else None, batch_size=batch_size, out=str(out), name=name,
+        grid=str(grid) if grid else None, overwrite=overwrite, skip_existing=skip_existing,
+        metadata=not no_metadata, device=device, threads=threads, force=force,
+        grid_beside_out=grid is None and not no_grid and num_images is None and from_png is None and sys.stderr.isatty(),
+        **{k: chosen[k] for k in given},
     )
 
     def job() -> None:
-        with Progress("sampling", quiet=quiet) as bar:
+        if from_png is not None:
+            generate.apply_recorded(opts, generate.recorded_parameters(from_png), given, str(from_png))
+        elif force:
+            raise UsageError("--force only applies to --from-png")
+        with Progress("sampling", quiet=quiet, log_every=log_every, json_command="sample" if json_out else None) as bar:
             for rec in generate.run(opts, progress=bar.update, log=bar.log):
+                kind = rec.pop("kind")
                 if json_out:
-                    print(json.dumps(rec), flush=True)
-                elif "grid" in rec:
-                    print(rec["grid"], flush=True)
-                elif not rec.get("skipped"):
+                    print(line("sample", kind, **rec), flush=True)
+                elif kind == "grid":
+                    print(rec["path"], flush=True)
+                elif kind == "image" and not rec["skipped"]:
                     print(rec["path"], flush=True)
 
-    run_core(job)
+    run_core(job, json_command="sample" if json_out else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,9 +324,38 @@ def train(
     run_core(job)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def share_the_machine() -> None:
+    """Set before torch loads, unless the user set them: OpenMP threads that wait for work sleep
+    instead of spinning (on a loaded 2-core machine a 50-step sample took 54 s spinning, 14 s
+    passive), and no more threads than the CPUs this process may use, divided among the processes
+    torchrun starts on this machine."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        threads = max(1, usable_cpus() // local)
+        if threads < (os.cpu_count() or threads) or local > 1:  # else torch's own default fits already
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def main() -> None:
     """The `diffcli` entry point. Typer/click's own errors (a wrong type, an unknown option, a missing
     argument) become one `Error: ...` line and exit 2 like ours, instead of a boxed usage message."""
+    share_the_machine()
     try:  # typer >= 0.20 vendors click; older versions use click itself
         from typer._click import exceptions as click_errors
     except ImportError:

@@ -17,6 +17,7 @@ from diffcli import __version__
 from diffcli.checkpoint import ModelFile, load_model
 from diffcli.errors import InputError, OutputExistsError, UsageError
 from diffcli.images import generation_text, make_grid, save_png, to_pil, to_uint8
+from diffcli import ode
 from diffcli.samplers import SAMPLERS, sample
 
 DEFAULT_NAME = "{seed}-{index:04d}.png"
@@ -26,20 +27,7 @@ MAX_IMAGES = 100_000  # per run; every name is planned up front, so a typo like 
 
 
 def all_sampler_names() -> tuple[str, ...]:
-    from diffcli import ode
-
     return SAMPLERS + ode.SAMPLERS
-
-
-def resolve_sigmas(sampler: str, sigmas: str | None) -> str | None:
-    """--sigmas auto: edm for the ODE samplers, the --spacing timesteps for ddim/ddpm; none: the latter."""
-    from diffcli import ode
-
-    if sigmas in (None, "none"):
-        return None
-    if sigmas == "auto":
-        return "edm" if sampler in ode.SAMPLERS else None
-    return sigmas
 
 
 def default_checkpoint() -> Path:
@@ -103,10 +91,10 @@ def autocast_denoiser(model: torch.nn.Module, device: torch.device, dtype: torch
 @dataclass
 class SampleOptions:
     checkpoint: str | None = None
-    steps: int = 15
-    sampler: str = "dpm++2m"  # with edm sigmas, 15 steps are as close to the ODE's solution as DDIM's 50
+    steps: int = ode.DEFAULT_STEPS
+    sampler: str = ode.DEFAULT_SAMPLER
     eta: float = 0.0
-    spacing: str = "trailing"
+    spacing: str | None = None  # the timesteps of ddim/ddpm and of --sigmas none; default trailing
     num_images: int | None = None  # default: one per class (conditional) or 16
     batch_size: int = 16
     seed: int | None = None
@@ -114,8 +102,8 @@ class SampleOptions:
     guidance: float | None = None  # default: the model file's, else 1.0
     out: str = "samples"
     name: str = DEFAULT_NAME
-    grid: str | None = None  # default: OUT/grid-{seed}.png
-    no_grid: bool = False
+    grid: str | None = None  # a grid PNG of all the images, written only when asked for
+    grid_beside_out: bool = False  # interactive use: a grid beside --out (OUT-grid-SEED.png), never inside it
     overwrite: bool = False
     skip_existing: bool = False
     metadata: bool = True
@@ -124,6 +112,9 @@ class SampleOptions:
     precision: str = "auto"
     clip_x0: bool = True
     sigmas: str | None = "auto"  # auto (edm for ODE samplers), none (the --spacing timesteps), karras, edm
+    from_png: str | None = None  # set when the options were read from this PNG's parameters (in the --json record)
+    expect_model_hash: str | None = None  # --from-png: the model hash the PNG records
+    force: bool = False  # --from-png: render with a model of another hash
 
 
 def resolve_classes(tokens: list[str], mf: ModelFile, n: int) -> list[int | None]:
@@ -194,6 +185,95 @@ def grid_layout(classes: list[int | None], num_classes: int) -> tuple[list[int |
 
 
 # --------------------------------------------------------------------------------------------------
+# Reproduce from a PNG
+# --------------------------------------------------------------------------------------------------
+
+# what `sample` records in each PNG ('diffcli' text chunk) and --from-png reads back: field -> check
+_RECORDED: dict[str, Callable[[Any], bool]] = {
+    "seed": lambda v: type(v) is int and 0 <= v < 2**63 - 2**32,
+    "steps": lambda v: type(v) is int and 1 <= v <= 100_000,
+    "sampler": lambda v: v in SAMPLERS + ode.SAMPLERS,
+    "guidance": lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0,
+    "class": lambda v: v is None or (isinstance(v, str) and len(v) <= 1000),
+    "spacing": lambda v: v in ("trailing", "leading", "linspace"),
+    "sigmas": lambda v: v in ode.SIGMA_SCHEDULES,
+    "eta": lambda v: type(v) in (int, float) and 0 <= v <= 1,
+    "clip": lambda v: type(v) is bool,
+    "precision": lambda v: v in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"),
+    "model_hash": lambda v: isinstance(v, str) and len(v) <= 64 and all(c in "0123456789abcdef" for c in v),
+}
+_REQUIRED = ("seed", "steps", "sampler", "guidance", "model_hash")
+_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def recorded_parameters(path: str | Path) -> dict[str, Any]:
+    """The generation parameters diffcli embedded in a PNG, checked field by field (InputError, exit 4,
+    naming what is missing or wrong). Fields a version of diffcli did not record are absent."""
+    import json
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--from-png: no such file: {path}")
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise InputError(f"--from-png: {path} is a {im.format} image, not a PNG made by diffcli")
+            im.load()  # reads every chunk: a truncated file fails here
+            text = dict(getattr(im, "text", {}) or {})
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"--from-png: {path} is not a readable PNG ({type(e).__name__})") from None
+    raw = text.get("diffcli")
+    if raw is None:
+        if "parameters" in text:
+            raise InputError(f"--from-png: {path} has another tool's generation text ('parameters') but no diffcli "
+                             "record; only PNGs written by diffcli sample can be reproduced")
+        raise InputError(f"--from-png: {path} has no diffcli generation parameters (written with --no-metadata, "
+                         "or not made by diffcli sample)")
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        raise InputError(f"--from-png: {path} has a malformed diffcli record (not JSON)") from None
+    if not isinstance(record, dict):
+        raise InputError(f"--from-png: {path} has a malformed diffcli record (not a JSON object)")
+    if record.get("grid"):
+        raise InputError(f"--from-png: {path} is a grid; reproduce one of its images (seed + index) instead")
+    for key in _REQUIRED:
+        if key not in record:
+            raise InputError(f"--from-png: {path} does not record '{key}'")
+    for key, ok in _RECORDED.items():
+        if key in record and not ok(record[key]):
+            raise InputError(f"--from-png: {path} records an invalid {key}: {str(record[key])[:80]!r}")
+    return {k: record[k] for k in _RECORDED if k in record}
+
+
+def apply_recorded(opts: SampleOptions, rec: dict[str, Any], given: set[str], png: str) -> SampleOptions:
+    """Fill the options the user did not give (`given`: SampleOptions field names) from a PNG's record.
+    What decides the pixels (sigmas, spacing, clip, precision) is taken as recorded, so the image comes
+    out bit-exact on the same device."""
+    values: dict[str, Any] = {
+        "seed": rec["seed"], "steps": rec["steps"], "sampler": rec["sampler"], "guidance": float(rec["guidance"]),
+        "sigmas": rec.get("sigmas", "none"), "num_images": 1,
+    }
+    if rec.get("class") is not None:
+        values["classes"] = [rec["class"]]
+    if "sigmas" not in rec:
+        values["spacing"] = rec.get("spacing", ode.DEFAULT_SPACING)
+    if "eta" in rec:
+        values["eta"] = float(rec["eta"])
+    if "clip" in rec:
+        values["clip_x0"] = rec["clip"]
+    if "precision" in rec:
+        values["precision"] = _PRECISION.get(rec["precision"], rec["precision"])
+    for k, v in values.items():
+        if k not in given:
+            setattr(opts, k, v)
+    opts.from_png, opts.expect_model_hash = png, rec["model_hash"]
+    return opts
+
+
+# --------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------
 
@@ -228,10 +308,9 @@ def plan(opts: SampleOptions) -> Plan:
         raise UsageError(f"--threads must be >= 1, got {opts.threads}")
     if opts.sampler not in all_sampler_names():
         raise UsageError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(all_sampler_names())}")
-    from diffcli import ode
-
-    opts.sigmas = resolve_sigmas(opts.sampler, opts.sigmas)
+    opts.sigmas = ode.resolve_sigmas(opts.sampler, opts.sigmas)
     ode.check_sigmas(opts.sampler, opts.sigmas)
+    opts.spacing = ode.resolve_spacing(opts.sigmas, opts.spacing)
     if opts.overwrite and opts.skip_existing:
         raise UsageError("--overwrite and --skip-existing exclude each other")
     if opts.seed is not None and not 0 <= opts.seed < 2**63 - 2**32:
@@ -244,6 +323,9 @@ def plan(opts: SampleOptions) -> Plan:
     if opts.checkpoint is None and not ckpt.exists():
         raise InputError(f"no --checkpoint given and the default model {ckpt} is missing")
     mf = load_model(ckpt, device)
+    if opts.expect_model_hash and mf.model_hash != opts.expect_model_hash and not opts.force:
+        raise InputError(f"{opts.from_png} was made with model hash {opts.expect_model_hash}, but {ckpt} has hash "
+                         f"{mf.model_hash}; give the model it was made with (-c), or --force to use this one")
     if opts.steps > mf.schedule.num_timesteps:
         raise UsageError(f"--steps must be at most the model's {mf.schedule.num_timesteps} timesteps")
     n = opts.num_images or (len(mf.class_names) or 16)
@@ -261,13 +343,18 @@ def plan(opts: SampleOptions) -> Plan:
     if len(set(paths)) != len(paths):
         raise UsageError(f"--name {opts.name!r} gives the same file name to several images; add {{index}} or {{seed}}")
     grid = None
-    if not opts.no_grid:
-        grid = Path(opts.grid) if opts.grid else out / f"grid-{base}.png"
-        if grid in paths:
+    if opts.grid:
+        grid = Path(opts.grid)
+        if grid.resolve() in {q.resolve() for q in paths}:
             raise UsageError(f"the grid {grid} would overwrite one of the images")
+        if not grid.parent.resolve().is_dir() and grid.parent.resolve() != out.resolve():
+            raise UsageError(f"the folder of --grid does not exist: {grid.parent} (create it first)")
+    elif opts.grid_beside_out:
+        where = out.resolve()
+        grid = where.parent / f"{where.name or 'out'}-grid-{base}.png"
     if not opts.overwrite:
         existing = [p for p in paths if p.exists()]
-        if grid is not None and grid.exists() and not opts.skip_existing:
+        if opts.grid and grid.exists() and not opts.skip_existing:  # the interactive preview is replaced
             existing.append(grid)
         if existing and not opts.skip_existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -277,11 +364,13 @@ def plan(opts: SampleOptions) -> Plan:
 
 def run(
     opts: SampleOptions,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Sample and write; yields one record per image as it is written (or skipped), then the grid."""
+    """Sample and write. Yields records (see diffcli.records): one `image` per image as it is written
+    (or skipped), a `grid` when one was asked for, and a closing `summary`."""
     p = plan(opts)
+    started = time.perf_counter()
     if log:
         how = "given" if opts.seed is not None else "random"
         log(f"model {p.mf.path} ({p.mf.model_hash}); seed {p.base_seed} ({how}); {len(p.seeds)} images, "
@@ -296,18 +385,29 @@ def run(
     total_steps = len(todo) * opts.steps
     done_steps = 0
     pixels: dict[int, torch.Tensor] = {}
+    # everything needed to render an image again (`sample --from-png`), beside its seed and class
     common = {
-        "steps": opts.steps, "sampler": opts.sampler, "guidance": p.guidance, "spacing": opts.spacing,
+        "steps": opts.steps, "sampler": opts.sampler, "guidance": p.guidance,
         "width": cfg.image_width, "height": cfg.image_height, "model_hash": mf.model_hash,
-        "diffcli_version": __version__,
+        "diffcli_version": __version__, "clip": opts.clip_x0, "precision": _PRECISION[str(p.dtype).removeprefix("torch.")],
+        "device": p.device.type,
     }
     if opts.sampler == "ddim":
         common["eta"] = opts.eta
     if opts.sigmas:
         common["sigmas"] = opts.sigmas  # the step schedule, needed to reproduce the image
+    else:
+        common["spacing"] = opts.spacing  # the timesteps, when they are the schedule's own
+    skipped = 0
+
+    def skip(i: int) -> dict[str, Any]:
+        nonlocal skipped
+        skipped += 1
+        return {"kind": "image", "path": str(p.paths[i]), "index": i, "seed": p.seeds[i], "skipped": True}
+
     for i in range(len(p.seeds)):
         if i not in todo:
-            yield {"path": str(p.paths[i]), "index": i, "seed": p.seeds[i], "skipped": True}
+            yield skip(i)
     with torch.inference_mode():
         for start in range(0, len(todo), opts.batch_size):
             idx = todo[start : start + opts.batch_size]
@@ -331,22 +431,25 @@ def run(
             imgs = to_uint8(res.images)
             for j, i in enumerate(idx):
                 c = p.classes[i]
-                rec = {
-                    **common, "path": str(p.paths[i]), "index": i, "seed": p.seeds[i],
-                    "class": mf.class_names[c] if c is not None else None, "nfe": res.nfe,
-                }
-                text = generation_text({k: v for k, v in rec.items() if k not in ("path", "index")}) if opts.metadata else None
+                params = {**common, "seed": p.seeds[i], "class": mf.class_names[c] if c is not None else None,
+                          "nfe": res.nfe}
+                text = generation_text(params) if opts.metadata else None
                 try:
                     save_png(p.paths[i], to_pil(imgs[j]), text, overwrite=opts.overwrite)
                 except OutputExistsError:
                     if not opts.skip_existing:
                         raise
-                    yield {"path": str(p.paths[i]), "index": i, "seed": p.seeds[i], "skipped": True}
+                    yield skip(i)
                     continue
                 pixels[i] = imgs[j]
-                yield {**rec, "seconds": round(seconds, 4), "skipped": False}
+                yield {"kind": "image", "path": str(p.paths[i]), "index": i, **params, "seconds": round(seconds, 4),
+                       "skipped": False, **({"from_png": opts.from_png} if opts.from_png else {})}
+    summary: dict[str, Any] = {"kind": "summary", "images": len(pixels), "skipped": skipped,
+                               "seconds": round(time.perf_counter() - started, 3), "out": opts.out}
     if p.grid is not None:
         yield write_grid(p, pixels, opts)
+        summary["grid"] = str(p.grid)
+    yield summary
 
 
 def write_grid(p: Plan, pixels: dict[int, torch.Tensor], opts: SampleOptions) -> dict[str, Any]:
@@ -376,5 +479,5 @@ def write_grid(p: Plan, pixels: dict[int, torch.Tensor], opts: SampleOptions) ->
     if opts.metadata:
         text = generation_text({"grid": True, "seed": p.base_seed, "steps": opts.steps, "sampler": opts.sampler,
                                 "guidance": p.guidance, "model_hash": p.mf.model_hash, "images": len(cells)})
-    save_png(p.grid, img, text, overwrite=opts.overwrite or opts.skip_existing)
-    return {"grid": str(p.grid), "images": len(cells)}
+    save_png(p.grid, img, text, overwrite=opts.overwrite or opts.skip_existing or opts.grid_beside_out)
+    return {"kind": "grid", "path": str(p.grid), "images": len(cells)}

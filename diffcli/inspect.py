@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -137,25 +136,27 @@ def choose_rows(
     if steps is not None:
         if rows is not None:
             raise UsageError("give either --rows or --steps, not both")
-        if sampler is None or sampler in SAMPLERS:
-            if sigmas is not None:
-                raise UsageError(f"--sigmas needs an ODE --sampler ({', '.join(ode.SAMPLERS)})")
-            spacing = spacing or "trailing"
-            visited = [int(t) for t in schedules[0].timesteps(steps, spacing)]
-            return Inspection(schedules, visited, steps, spacing, sampler, nfe=None if sampler is None else steps)
-        if sampler not in ode.SAMPLERS:
+        if not isinstance(steps, int) or not 1 <= steps <= T:  # sample refuses more steps than timesteps too
+            raise UsageError(f"steps must be between 1 and the schedule's {T} timesteps, got {steps}")
+        # the same defaults and the same rule as `sample`, so the rows are the steps it takes
+        sampler = sampler or ode.DEFAULT_SAMPLER
+        if sampler not in SAMPLERS + ode.SAMPLERS:
             names = ", ".join(SAMPLERS + ode.SAMPLERS)
             raise UsageError(f"unknown sampler {sampler!r}; choose one of {names}")
+        asked = sigmas
+        sigmas = ode.resolve_sigmas(sampler, "auto" if sigmas is None else sigmas)
         ode.check_sigmas(sampler, sigmas)
-        if sigmas is not None:
-            if spacing is not None:
-                raise UsageError(f"--spacing does not apply to --sigmas {sigmas}")
-            if len(schedules) > 1:
-                raise UsageError(f"--sigmas {sigmas} depends on each schedule's sigma range; inspect one schedule at a time")
-        else:
-            spacing = spacing or "trailing"
-        sig = ode.step_sigmas(schedules[0], steps, spacing or "trailing", sigmas)
+        spacing = ode.resolve_spacing(sigmas, spacing)
+        if sampler in SAMPLERS:
+            visited = [int(t) for t in schedules[0].timesteps(steps, spacing)]
+            return Inspection(schedules, visited, steps, spacing, sampler, nfe=steps)
+        if sigmas is not None and len(schedules) > 1:
+            how = f"--sigmas {sigmas}" if asked not in (None, "auto") else f"{sampler}'s default {sigmas} sigmas"
+            raise UsageError(f"{how} depend on each schedule's sigma range; inspect one schedule at a time, "
+                             "or compare timesteps with --sampler ddim or --sigmas none")
+        sig = ode.step_sigmas(schedules[0], steps, spacing, sigmas)
         visited = [_int_if_whole(ode.sigma_to_t(schedules[0], s)) for s in sig[:-1]]
+        spacing = None if sigmas is not None else spacing
         return Inspection(schedules, visited, steps, spacing, sampler, sigmas, sig, ode.nfe(sampler, steps, sigmas, schedules[0]))
     if spacing is not None:
         raise UsageError("--spacing needs --steps")
@@ -295,27 +296,28 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def to_json(inspection: Inspection) -> str:
-    """Every value at full float64 precision; inf and -inf become null."""
-    sampling = None
+def to_json_lines(inspection: Inspection) -> list[str]:
+    """JSON Lines (diffcli.records): a `sampling` record when the rows are a sampler's steps, then per
+    schedule a `schedule` record and one `row` record per timestep. Every value at full float64
+    precision; inf and -inf become null."""
+    from diffcli.records import line
+
+    out = []
     if inspection.steps is not None:
-        sampling = {"steps": inspection.steps, "spacing": inspection.spacing, "timesteps": inspection.timesteps}
-        if inspection.sampler is not None:
-            sampling.update(sampler=inspection.sampler, sigmas=inspection.sigmas, nfe=inspection.nfe)
-            sampling["step_sigmas"] = inspection.step_sigmas  # ODE samplers only; None for ddim/ddpm
-    out = {
-        "sampling": sampling,
-        "schedules": [
-            {
-                "schedule": s.to_dict(),
-                "terminal_snr_db": _finite_or_none(row(s, s.num_timesteps - 1).snr_db),
-                "snr_below_0db_from_t": zero_db_crossing(s),
-                "rows": [{k: _finite_or_none(v) for k, v in asdict(r).items()} for r in rows_of(inspection, s)],
-            }
-            for s in inspection.schedules
-        ],
-    }
-    return json.dumps(out, indent=2, allow_nan=False)
+        out.append(line(
+            "inspect-schedule", "sampling", steps=inspection.steps, spacing=inspection.spacing,
+            sampler=inspection.sampler, sigmas=inspection.sigmas, nfe=inspection.nfe,
+            timesteps=inspection.timesteps, step_sigmas=inspection.step_sigmas,  # step_sigmas: ODE samplers only
+        ))
+    for s in inspection.schedules:
+        out.append(line(
+            "inspect-schedule", "schedule", schedule=s.to_dict(),
+            terminal_snr_db=_finite_or_none(row(s, s.num_timesteps - 1).snr_db),
+            snr_below_0db_from_t=zero_db_crossing(s),
+        ))
+        for r in rows_of(inspection, s):
+            out.append(line("inspect-schedule", "row", schedule=s.kind, **asdict(r)))
+    return out
 
 
 def to_csv(inspection: Inspection) -> str:
@@ -341,6 +343,8 @@ def plot_schedules(inspection: Inspection, path: Path, width: int, height: int, 
         raise UsageError(f"the plot must be 400..4000 pixels wide and 200..4000 high, got {width}x{height}")
     if Path(path).suffix.lower() != ".png":
         raise UsageError(f"the plot is written as PNG; give a file name ending in .png, got {str(path)!r}")
+    if not Path(path).parent.resolve().is_dir():  # never create folders the user did not ask for
+        raise UsageError(f"the folder of --plot does not exist: {Path(path).parent} (create it first)")
     if Path(path).exists() and not overwrite:  # fail before drawing; the write itself is exclusive too
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     marks = [round(t) for t in inspection.timesteps] if inspection.steps is not None else []  # nearest t

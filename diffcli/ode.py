@@ -59,12 +59,33 @@ from diffcli.schedule import NoiseSchedule
 SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm++2m")
 SIGMA_SCHEDULES: tuple[str, ...] = ("karras", "edm")
 KARRAS_RHO = 7.0  # EDM Sec. 3: rho = 7 spends more steps at low noise, where the image takes shape
+DEFAULT_SAMPLER = "dpm++2m"  # with edm sigmas, 15 steps come as close to the ODE's solution as DDIM's 50
+DEFAULT_STEPS = 15
+DEFAULT_SPACING = "trailing"
 EDM_SIGMA_MAX = 80.0  # EDM Table 1: sigma_max = 80
 
 
 # --------------------------------------------------------------------------------------------------
 # Sigmas, timesteps and step schedules
 # --------------------------------------------------------------------------------------------------
+
+
+def resolve_sigmas(sampler: str, sigmas: str | None) -> str | None:
+    """The one rule `sample` and `inspect-schedule` share: --sigmas auto is edm for the ODE samplers
+    and the --spacing timesteps (None) for ddim/ddpm; none (or None) is the latter."""
+    if sigmas in (None, "none"):
+        return None
+    if sigmas == "auto":
+        return "edm" if sampler in SAMPLERS else None
+    return sigmas
+
+
+def resolve_spacing(sigmas: str | None, spacing: str | None) -> str:
+    """--spacing applies to the schedule's own timesteps only: with step sigmas it is a mistake to give it."""
+    if spacing is not None and sigmas is not None:
+        raise UsageError(f"--spacing does not apply to --sigmas {sigmas} (the default for ODE samplers); "
+                         "add --sigmas none to step through --spacing timesteps")
+    return spacing or DEFAULT_SPACING
 
 
 def check_sigmas(sampler: str, sigmas: str | None) -> None:

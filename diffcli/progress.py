@@ -1,24 +1,48 @@
-"""Progress bars and log lines on stderr: animated only on a terminal, silent with --quiet."""
+"""Progress on stderr: an animated bar on a terminal; in a log (nohup, CI, a file) one plain line,
+or with --json one `progress` record, every `log_every` seconds; nothing with --quiet."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
 
+LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console that uses the terminal's width, or a wide one when the stream is piped, so
+    tables are never cut at 80 columns in a log or a pipe."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 1000, soft_wrap=not stream.isatty())
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    s = int(round(max(0.0, seconds)))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
 
 class Progress:
-    def __init__(self, description: str, quiet: bool = False, fields: str = "") -> None:
-        self.console = Console(stderr=True)
+    def __init__(self, description: str, quiet: bool = False, log_every: float = LOG_EVERY,
+                 json_command: str | None = None) -> None:
+        self.console = console(stderr=True)
         self.quiet = quiet
         self.description = description
-        self.fields = fields
+        self.log_every = log_every
+        self.json_command = json_command  # set: log lines are `progress` records of this command
         self._bar = None
         self._task = None
+        self._start = time.monotonic()
+        self._last_line = self._start
+        self._first: tuple[float, int] | None = None  # (time, completed) of the first update, for the rate
 
     def __enter__(self) -> "Progress":
-        if not self.quiet and sys.stderr.isatty():
+        if not self.quiet and sys.stderr.isatty() and not self.json_command:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
@@ -34,9 +58,36 @@ class Progress:
         if self._bar is not None:
             self._bar.__exit__(*exc)
 
-    def update(self, completed: int, total: int, info: str = "") -> None:
+    def update(self, completed: int, total: int, info: str = "", **fields: Any) -> None:
+        """Move the bar; in a log, print a line when log_every seconds have passed since the last.
+        `fields` (loss, images_per_second) go into the line and the `progress` record."""
         if self._bar is not None:
             self._bar.update(self._task, completed=completed, total=total, info=info)
+            return
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (now, completed)
+        if self.quiet or now - self._last_line < self.log_every:
+            return
+        self._last_line = now
+        elapsed = now - self._start
+        t0, c0 = self._first
+        rate = (completed - c0) / (now - t0) if now > t0 and completed > c0 else None
+        eta = (total - completed) / rate if rate and total else None
+        if self.json_command:
+            from diffcli.records import emit
+
+            emit(self.json_command, "progress", stream=sys.stderr, task=self.description, completed=completed,
+                 total=total, elapsed=round(elapsed, 1), eta=None if eta is None else round(eta, 1), **fields)
+            return
+        parts = [f"{self.description} {completed}/{total}"]
+        if "loss" in fields:
+            parts.append(f"loss {fields['loss']:.4f}")
+        if "images_per_second" in fields:
+            parts.append(f"{fields['images_per_second']:.0f} img/s")
+        parts.append(f"elapsed {duration(elapsed)}")
+        parts.append(f"ETA {duration(eta)}" if eta is not None else "ETA ?")
+        print("  ".join(parts), file=sys.stderr, flush=True)
 
     def log(self, message: str) -> None:
         """A line for humans on stderr (not shown with --quiet)."""

@@ -81,9 +81,10 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """What defines a schedule; stored in model files."""
+    """What defines a schedule; stored in model files. The defaults are `train`'s (cosine, as the
+    shipped model), so inspect-schedule without options shows what a new model trains with."""
 
-    kind: str = "linear"
+    kind: str = "cosine"
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02

@@ -59,7 +59,19 @@ def parameters(text: str) -> dict[str, str]:
 
 
 def json_lines(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines()]
+    """The JSON Lines of --json; every record names its kind first."""
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert all(next(iter(r)) == "kind" for r in records), records
+    return records
+
+
+def images_of(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["kind"] == "image"]
+
+
+# the fields of a written image's --json record; "sigmas" (ODE step sigmas) and "eta" (ddim) when they apply
+IMAGE_FIELDS = {"kind", "path", "index", "seed", "class", "steps", "sampler", "guidance", "width", "height",
+                "model_hash", "diffcli_version", "clip", "precision", "device", "nfe", "seconds", "skipped"}
 
 
 def assert_one_error_line(result) -> str:
@@ -111,34 +123,91 @@ def test_sample_16_images_and_a_grid(tmp_path, rgb):
 
 
 def test_grayscale_model_writes_L_pngs(tmp_path, models):
-    result = diffcli("sample", "-c", models["gray"], "--steps", 5, "-n", 2, "--seed", 0, "-o", tmp_path)
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    result = diffcli("sample", "-c", models["gray"], "--steps", 5, "-n", 2, "--seed", 0, "-o", out, "--grid", grid)
     assert result.exit_code == 0, result.output
-    for name in ("0-0000.png", "1-0001.png", "grid-0.png"):
-        with Image.open(tmp_path / name) as im:
+    assert sorted(os.listdir(out)) == ["0-0000.png", "1-0001.png"]  # the grid is where --grid says, not in --out
+    for path in (out / "0-0000.png", out / "1-0001.png", grid):
+        with Image.open(path) as im:
             assert im.mode == "L"
-    text = parameters(read_png_text(tmp_path / "0-0000.png")["parameters"])
+    text = parameters(read_png_text(out / "0-0000.png")["parameters"])
     assert text["CFG scale"] == "1.0" and "Class" not in text  # unconditional: no guidance, no class
 
 
 def test_json_lines(tmp_path, rgb):
-    result = diffcli("sample", "-c", rgb, "--sampler", "ddim", "--steps", 4, "-n", 4, "--seed", 3, "-o", tmp_path, "--json", "-g", 1.5)
+    out = tmp_path / "out"
+    result = diffcli("sample", "-c", rgb, "--sampler", "ddim", "--steps", 4, "-n", 4, "--seed", 3, "-o", out, "--json",
+                     "-g", 1.5, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    *images, grid = json_lines(result.stdout)
+    *images, summary = json_lines(result.stdout)
     model_hash = hashlib.sha256(rgb.read_bytes()).hexdigest()[:10]
+    assert [r["kind"] for r in images] == ["image"] * 4
+    assert [r["index"] for r in images] == [0, 1, 2, 3]
     assert [r["seed"] for r in images] == [3, 4, 5, 6]
     assert [r["class"] for r in images] == ["cat", "dog", "fish", "cat"]
     for r in images:
-        assert r["path"] == str(tmp_path / f"{r['seed']}-{r['index']:04d}.png") and Path(r["path"]).is_file()
-        assert (r["steps"], r["sampler"], r["guidance"], r["model_hash"]) == (4, "ddim", 1.5, model_hash)
+        assert set(r) == IMAGE_FIELDS | {"eta", "spacing"}  # ddim: eta and the spacing, no step sigmas
+        assert r["path"] == str(out / f"{r['seed']}-{r['index']:04d}.png") and Path(r["path"]).is_file()
+        assert (r["steps"], r["sampler"], r["guidance"], r["model_hash"], r["eta"]) == (4, "ddim", 1.5, model_hash, 0.0)
+        assert (r["clip"], r["precision"], r["device"], r["nfe"], r["spacing"]) == (True, "fp32", "cpu", 4, "trailing")
         assert isinstance(r["seconds"], float) and r["seconds"] >= 0 and r["skipped"] is False
-    assert grid == {"grid": str(tmp_path / "grid-3.png"), "images": 4}
+        # the PNG records what the JSON line says, minus where it was written and how long it took
+        recorded = json.loads(read_png_text(r["path"])["diffcli"])
+        assert recorded == {k: v for k, v in r.items() if k not in ("kind", "path", "index", "seconds", "skipped")}
+    assert set(summary) == {"kind", "images", "skipped", "seconds", "out"}  # no grid asked for: none
+    assert (summary["kind"], summary["images"], summary["skipped"], summary["out"]) == ("summary", 4, 0, str(out))
+    assert isinstance(summary["seconds"], float) and summary["seconds"] >= 0
+    assert sorted(os.listdir(tmp_path)) == ["out"] and len(os.listdir(out)) == 4  # no grid anywhere
+
+
+def test_json_lines_with_a_grid(tmp_path, rgb):
+    out, grid = tmp_path / "out", tmp_path / "sheet.png"
+    result = diffcli("sample", "-c", rgb, "--steps", 3, "-n", 3, "--seed", 1, "-o", out, "--grid", grid, "--json")
+    assert result.exit_code == 0, result.output
+    records = json_lines(result.stdout)
+    assert [r["kind"] for r in records] == ["image"] * 3 + ["grid", "summary"]
+    for r in records[:3]:
+        assert set(r) == IMAGE_FIELDS | {"sigmas"} and r["sigmas"] == "edm"  # the default ODE sampler: no eta, no spacing
+    assert records[3] == {"kind": "grid", "path": str(grid), "images": 3}
+    summary = records[4]
+    assert {k: summary[k] for k in ("images", "skipped", "out", "grid")} == {"images": 3, "skipped": 0, "out": str(out),
+                                                                             "grid": str(grid)}
+    assert set(summary) == {"kind", "images", "skipped", "seconds", "out", "grid"}
+    assert json.loads(read_png_text(grid)["diffcli"])["images"] == 3
+
+    # without --json: the image paths, then the grid's
+    again = diffcli("sample", "-c", rgb, "--steps", 3, "-n", 3, "--seed", 1, "-o", out, "--grid", grid, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines() == [r["path"] for r in records[:3]] + [str(grid)]
+
+
+def test_grid_only_when_asked_and_its_folder_must_exist(tmp_path, rgb):
+    out = tmp_path / "out"
+    for extra in ([], ["--no-grid"]):  # not a terminal: no interactive grid either way
+        result = diffcli("sample", "-c", rgb, "--steps", 2, "--seed", 5, "-o", out, "--overwrite", *extra)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.splitlines() == [str(out / f"{5 + i}-{i:04d}.png") for i in range(3)]  # one per class
+        assert sorted(os.listdir(tmp_path)) == ["out"] and len(os.listdir(out)) == 3
+
+    result = diffcli("sample", "-c", rgb, "--steps", 2, "--seed", 5, "-o", tmp_path / "new", "--grid",
+                     tmp_path / "missing" / "g.png")
+    assert result.exit_code == 2
+    assert "the folder of --grid does not exist" in assert_one_error_line(result)
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # neither --out nor the grid's folder was created
+
+    # --grid inside --out, which does not exist yet: --out is created, so that is fine
+    result = diffcli("sample", "-c", rgb, "--steps", 2, "--seed", 5, "-o", tmp_path / "new", "--grid",
+                     tmp_path / "new" / "g.png")
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "new")) == ["5-0000.png", "6-0001.png", "7-0002.png", "g.png"]
 
 
 def test_no_metadata(tmp_path, rgb):
-    result = diffcli("sample", "-c", rgb, "--steps", 3, "-n", 2, "--seed", 0, "-o", tmp_path, "--no-metadata")
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    result = diffcli("sample", "-c", rgb, "--steps", 3, "-n", 2, "--seed", 0, "-o", out, "--grid", grid, "--no-metadata")
     assert result.exit_code == 0, result.output
-    for name in ("0-0000.png", "1-0001.png", "grid-0.png"):
-        assert read_png_text(tmp_path / name) == {}
+    for path in (out / "0-0000.png", out / "1-0001.png", grid):
+        assert path.is_file() and read_png_text(path) == {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,47 +249,68 @@ def test_batch_size_does_not_change_the_pixels(tmp_path, rgb):
 
 
 def test_existing_outputs_exit_3_and_nothing_changes(tmp_path, rgb):
-    args = ["sample", "-c", rgb, "--steps", 3, "-n", 3, "--seed", 0, "-o", tmp_path]
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    args = ["sample", "-c", rgb, "--steps", 3, "-n", 3, "--seed", 0, "-o", out, "--grid", grid]
     assert diffcli(*args).exit_code == 0
-    before = snapshot(tmp_path)
-    assert len(before) == 4  # 3 images + grid
+
+    def state():
+        return sorted(os.listdir(tmp_path)), snapshot(out), (grid.stat().st_ino, grid.stat().st_mtime_ns, grid.read_bytes())
+
+    before = state()
+    assert before[0] == ["grid.png", "out"] and len(before[1]) == 3  # 3 images in --out, the grid beside it
     result = diffcli(*args)
     assert result.exit_code == 3
     assert "exists" in assert_one_error_line(result)
     assert result.stdout == ""
-    assert snapshot(tmp_path) == before
+    assert state() == before
+    # with --json the error is also a record on stdout
+    result = diffcli(*args, "--json")
+    assert result.exit_code == 3
+    line = assert_one_error_line(result)
+    assert json_lines(result.stdout) == [{"kind": "error", "message": line.removeprefix("Error: "), "exit_code": 3}]
+    assert state() == before
     # only the grid exists: still exit 3
     for n in ("0-0000.png", "1-0001.png", "2-0002.png"):
-        (tmp_path / n).unlink()
-    assert diffcli(*args).exit_code == 3
-    assert sorted(os.listdir(tmp_path)) == ["grid-0.png"]
+        (out / n).unlink()
+    result = diffcli(*args)
+    assert result.exit_code == 3
+    assert str(grid) in assert_one_error_line(result)
+    assert os.listdir(out) == [] and state()[2] == before[2]
 
 
 def test_overwrite_replaces(tmp_path, rgb):
-    args = ["sample", "-c", rgb, "-n", 2, "--seed", 0, "-o", tmp_path]
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    args = ["sample", "-c", rgb, "-n", 2, "--seed", 0, "-o", out, "--grid", grid]
     assert diffcli(*args, "--steps", 3).exit_code == 0
+    assert json.loads(read_png_text(grid)["diffcli"])["steps"] == 3
     result = diffcli(*args, "--steps", 6, "--overwrite")
     assert result.exit_code == 0, result.output
     for name in ("0-0000.png", "1-0001.png"):
-        assert parameters(read_png_text(tmp_path / name)["parameters"])["Steps"] == "6"
-    assert json.loads(read_png_text(tmp_path / "grid-0.png")["diffcli"])["steps"] == 6
+        assert parameters(read_png_text(out / name)["parameters"])["Steps"] == "6"
+    assert json.loads(read_png_text(grid)["diffcli"])["steps"] == 6
 
 
 def test_skip_existing_makes_only_the_missing_images(tmp_path, rgb):
-    args = ["sample", "-c", rgb, "--steps", 5, "-n", 4, "--seed", 20, "-o", tmp_path]
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    args = ["sample", "-c", rgb, "--steps", 5, "-n", 4, "--seed", 20, "-o", out]
     assert diffcli(*args).exit_code == 0
-    original = pixels(tmp_path / "21-0001.png")
-    (tmp_path / "21-0001.png").unlink()
-    kept = {n: s for n, s in snapshot(tmp_path).items() if n != "grid-20.png"}
-    result = diffcli(*args, "--skip-existing", "--json")
+    original = pixels(out / "21-0001.png")
+    (out / "21-0001.png").unlink()
+    kept = snapshot(out)
+    result = diffcli(*args, "--skip-existing", "--json", "--grid", grid)
     assert result.exit_code == 0, result.output
-    *images, grid = json_lines(result.stdout)
-    assert [(r["index"], r["skipped"]) for r in images] == [(0, True), (2, True), (3, True), (1, False)]
-    assert grid["images"] == 4
-    after = snapshot(tmp_path)
+    *images, grid_record, summary = json_lines(result.stdout)
+    assert [(r["kind"], r["index"], r["skipped"]) for r in images] == [
+        ("image", 0, True), ("image", 2, True), ("image", 3, True), ("image", 1, False)]
+    for r in images[:3]:  # a skipped image: where it is and its seed, nothing about how it was made
+        assert r == {"kind": "image", "path": str(out / f"{20 + r['index']}-{r['index']:04d}.png"), "index": r["index"],
+                     "seed": 20 + r["index"], "skipped": True}
+    assert grid_record == {"kind": "grid", "path": str(grid), "images": 4}  # the kept images are in it too
+    assert (summary["kind"], summary["images"], summary["skipped"], summary["grid"]) == ("summary", 1, 3, str(grid))
+    after = snapshot(out)
     assert {n: after[n] for n in kept} == kept  # same inode, mtime and bytes: untouched
-    assert pixels(tmp_path / "21-0001.png") == original  # regenerated from its own seed
-    assert set(after) == set(kept) | {"21-0001.png", "grid-20.png"}
+    assert pixels(out / "21-0001.png") == original  # regenerated from its own seed
+    assert set(after) == set(kept) | {"21-0001.png"}
 
 
 def test_overwrite_and_skip_existing_exclude_each_other(tmp_path, rgb):
@@ -240,7 +330,9 @@ def test_class_by_name_or_index(tmp_path, rgb):
         result = diffcli("sample", "-c", rgb, "--steps", 4, "-n", 2, "--seed", 9, "--class", token,
                          "-o", tmp_path / token, "--json", "--no-grid")
         assert result.exit_code == 0, result.output
-        runs[token] = json_lines(result.stdout)
+        records = json_lines(result.stdout)
+        assert [r["kind"] for r in records] == ["image", "image", "summary"]
+        runs[token] = images_of(records)
         assert [r["class"] for r in runs[token]] == ["dog", "dog"]
     for a, b in zip(runs["dog"], runs["1"]):
         assert pixels(Path(a["path"])) == pixels(Path(b["path"]))
@@ -250,7 +342,7 @@ def test_repeated_class_option_cycles(tmp_path, rgb):
     result = diffcli("sample", "-c", rgb, "--steps", 2, "-n", 5, "--seed", 0, "--class", "fish", "--class", "0",
                      "-o", tmp_path, "--json", "--no-grid")
     assert result.exit_code == 0, result.output
-    assert [r["class"] for r in json_lines(result.stdout)] == ["fish", "cat", "fish", "cat", "fish"]
+    assert [r["class"] for r in images_of(json_lines(result.stdout))] == ["fish", "cat", "fish", "cat", "fish"]
 
 
 @pytest.mark.parametrize("token,message", [("7", "out of range"), ("-1", "out of range"), ("bird", "unknown class 'bird'")])
@@ -292,7 +384,9 @@ def test_corrupt_foreign_and_missing_model_files_exit_4(tmp_path):
      ("--guidance", "-1", "--guidance"), ("--batch-size", "0", "--batch-size"), ("-n", "0", "--num-images"),
      ("--sampler", "plms", "unknown sampler"), ("--name", "../x.png", "outside the output folder"),
      ("--name", "{bogus}.png", "unknown field {bogus}"), ("--name", "{seed", "bad --name"),
-     ("--name", "fixed.png", "same file name"), ("--device", "tpu", "unknown device")],
+     ("--name", "fixed.png", "same file name"), ("--device", "tpu", "unknown device"),
+     ("--grid", "no-such-folder/g.png", "the folder of --grid does not exist"),
+     ("--spacing", "leading", "--spacing does not apply to --sigmas edm")],
 )
 def test_bad_options_exit_2_and_write_nothing(tmp_path, rgb, option, value, message):
     out = tmp_path / "out"
@@ -324,7 +418,18 @@ def test_sigmas_none_uses_the_spacing_timesteps_and_auto_is_ignored_by_ddim(tmp_
     result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "a", "--json", "--no-grid",
                      "--sigmas", "none", "--steps", 5)
     assert result.exit_code == 0, result.output
-    assert "sigmas" not in json.loads(result.stdout.splitlines()[0])
+    first = json.loads(result.stdout.splitlines()[0])
+    assert first["kind"] == "image" and "sigmas" not in first and first["spacing"] == "trailing"
+    # an ODE sampler at --spacing timesteps: --sigmas none (with the default edm sigmas --spacing is refused)
+    result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "d", "--json",
+                     "--sigmas", "none", "--spacing", "leading", "--steps", 5)
+    assert result.exit_code == 0, result.output
+    rec = json.loads(result.stdout.splitlines()[0])
+    assert rec["spacing"] == "leading" and "sigmas" not in rec
+    assert pixels(Path(rec["path"])) != pixels(Path(first["path"]))  # other timesteps, another image
+    result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "e", "--spacing", "leading", "--steps", 5)
+    assert result.exit_code == 2 and "--spacing does not apply to --sigmas edm" in assert_one_error_line(result)
+    assert not (tmp_path / "e").exists()
     result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "b", "--sampler", "ddim", "--steps", 5)
     assert result.exit_code == 0, result.output
     result = diffcli("sample", "-c", rgb, "-n", 1, "--seed", 0, "-o", tmp_path / "c", "--sampler", "ddim", "--sigmas", "edm")

@@ -39,14 +39,17 @@ def test_train_then_sample_by_class_name(tmp_path, toy_image_folder):
                                   "--device", "cpu"])
     assert sampled.exit_code == 0, sampled.output
     records = [json.loads(line) for line in sampled.stdout.splitlines()]
-    images = [r for r in records if "path" in r]
+    assert [r["kind"] for r in records] == ["image", "image", "summary"]
+    images = records[:2]
     assert [(r["class"], r["seed"], Path(r["path"]).name) for r in images] == [
         ("green", 7, "green-0.png"), ("green", 8, "green-1.png")
     ]
     for r in images:
         with Image.open(r["path"]) as im:
             assert im.size == (8, 8) and im.mode == "RGB"
-    assert (out / "grid-7.png").exists()
+    assert (records[2]["images"], records[2]["skipped"], records[2]["out"]) == (2, 0, str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["green-0.png", "green-1.png"]  # no grid unless --grid
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "samples"]
 
     wrong = runner.invoke(app, ["sample", "--checkpoint", str(model), "--class", "purple", "-n", "1", "--steps", "2",
                                 "--out", str(out), "--device", "cpu"])

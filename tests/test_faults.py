@@ -133,16 +133,17 @@ def test_training_killed_at_random_moments_loses_nothing_and_resumes(tmp_path, t
         assert proc.returncode == -signal.SIGKILL
         assert check_run_folder(run) >= target  # a kill never takes a checkpoint away
 
-    # SIGTERM: a checkpoint at the step it stopped, exit 130
+    # SIGTERM: a checkpoint at the step it stopped, exit 130, and a notice (the work was saved: no "Error: ")
     target = newest_step(run) + rng.randint(1, 3)
     proc = start(*args, "--steps", 100000)
     assert wait_until(proc, lambda: newest_step(run) >= target), proc.communicate()
     time.sleep(rng.uniform(0.0, 0.15))
     _, err = kill(proc, signal.SIGTERM)
     assert proc.returncode == 130, err
-    assert err.startswith("Error: interrupted at step") and "--resume auto" in err
+    assert err.startswith("interrupted at step") and "Error" not in err, err
     stopped = check_run_folder(run)
-    assert f"at step {stopped};" in err
+    assert f"interrupted at step {stopped}; checkpoint saved in {run / 'checkpoints'} (" in err, err
+    assert err.rstrip("\n").endswith("--resume auto)"), err
     assert load_model(run / "model.safetensors").training["steps"] == stopped
 
     # resume to the end: exit 0, the step records continuous, no temporary file left anywhere
@@ -380,11 +381,16 @@ def test_two_skip_existing_jobs_with_overlapping_seeds_never_clobber(tmp_path, m
         assert job.returncode == 0, err
     written: dict[str, int] = {}
     for stdout, _ in results:
-        for rec in map(json.loads, stdout.splitlines()):
-            if "grid" not in rec and not rec["skipped"]:
-                written[rec["path"]] = written.get(rec["path"], 0) + 1
+        records = list(map(json.loads, stdout.splitlines()))
+        assert [r["kind"] for r in records] == ["image"] * 12 + ["summary"]  # no grid unless --grid
+        images, summary = records[:-1], records[-1]
+        made = [r for r in images if not r["skipped"]]
+        assert (summary["images"], summary["skipped"]) == (len(made), 12 - len(made))
+        for rec in made:
+            written[rec["path"]] = written.get(rec["path"], 0) + 1
     # every file was created by exactly one of the two jobs, and the other kept it
     assert sorted(written) == sorted(str(out / f"{s}.png") for s in range(18))
     assert set(written.values()) == {1}
     assert check_sample_folder(out) == set(range(18))
-    assert sorted(p.name for p in out.iterdir() if not p.name[0].isdigit()) == ["grid-0.png", "grid-6.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.png" for s in range(18))  # the images, nothing else
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # and no grid beside the folder

@@ -306,40 +306,66 @@ def test_sample_rejects_bad_sigmas_before_reading_the_model(tmp_path, args, mess
     assert list(tmp_path.iterdir()) == []
 
 
-def test_inspect_schedule_shows_the_karras_noise_levels():
-    result = runner.invoke(app, ["inspect-schedule", "--steps", "5", "--sampler", "heun", "--sigmas", "karras", "--json"])
-    assert result.exit_code == 0, result.output
+def json_records(stdout: str) -> list[dict]:
+    """inspect-schedule --json: JSON Lines, each record's kind first."""
     import json
 
-    sampling = json.loads(result.stdout)["sampling"]
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert all(next(iter(r)) == "kind" for r in records), records
+    return records
+
+
+def test_inspect_schedule_shows_the_karras_noise_levels():
+    result = runner.invoke(app, ["inspect-schedule", "--schedule", "linear", "--steps", "5", "--sampler", "heun",
+                                 "--sigmas", "karras", "--json"])
+    assert result.exit_code == 0, result.output
+    sampling, schedule, *rows = json_records(result.stdout)
+    assert (sampling["kind"], schedule["kind"], schedule["schedule"]) == ("sampling", "schedule", LINEAR.to_dict())
+    assert [r["kind"] for r in rows] == ["row"] * 5
     want = ode.step_sigmas(LINEAR, 5, sigmas="karras")
     assert sampling["sampler"] == "heun" and sampling["sigmas"] == "karras" and sampling["nfe"] == 9
     assert sampling["step_sigmas"] == want
     assert sampling["timesteps"][0] == 999 and sampling["timesteps"][-1] == 0
     assert sampling["timesteps"][1:-1] == pytest.approx([ode.sigma_to_t(LINEAR, s) for s in want[1:-2]])
-    rows = json.loads(result.stdout)["schedules"][0]["rows"]
+    assert [r["t"] for r in rows] == sampling["timesteps"]
     assert [r["sigma"] for r in rows] == want[:-1]
     assert rows[2]["alpha_bar"] == pytest.approx(1 / (1 + want[2] ** 2), rel=1e-15)
 
-    table = runner.invoke(app, ["inspect-schedule", "--steps", "5", "--sampler", "heun", "--sigmas", "karras"])
+    table = runner.invoke(app, ["inspect-schedule", "--schedule", "linear", "--steps", "5", "--sampler", "heun",
+                                "--sigmas", "karras"])
     assert table.exit_code == 0, table.output
     assert "the 5 noise levels heun steps from (karras sigmas, rho 7), in order, then sigma 0; 9 model evaluations" in table.stdout
     assert f"│ {sampling['timesteps'][1]:.2f} │" in table.stdout
 
 
 def test_inspect_schedule_default_ode_steps_and_ddim(tmp_path):
-    result = runner.invoke(app, ["inspect-schedule", "--steps", "4", "--sampler", "dpm++2m", "--zero-terminal-snr", "--json"])
+    ztsnr = NoiseSchedule("linear", 1000, zero_terminal_snr=True)
+    # an ODE sampler at the --spacing timesteps (--sigmas none)
+    result = runner.invoke(app, ["inspect-schedule", "--schedule", "linear", "--steps", "4", "--sampler", "dpm++2m",
+                                 "--sigmas", "none", "--zero-terminal-snr", "--json"])
     assert result.exit_code == 0, result.output
-    import json
-
-    sampling = json.loads(result.stdout)["sampling"]
+    sampling = json_records(result.stdout)[0]
+    assert sampling["kind"] == "sampling" and (sampling["sigmas"], sampling["spacing"]) == (None, "trailing")
     assert sampling["timesteps"] == [998, 749, 499, 249]  # t = 999 has sigma = inf: clamped to t = 998
-    assert sampling["nfe"] == 4 and sampling["step_sigmas"][-1] == 0.0
+    assert sampling["nfe"] == 4 and sampling["step_sigmas"] == ode.step_sigmas(ztsnr, 4)
+    assert sampling["step_sigmas"][-1] == 0.0
+
+    # the default (--sigmas auto) for an ODE sampler is edm, as for sample: no spacing
+    result = runner.invoke(app, ["inspect-schedule", "--schedule", "linear", "--steps", "4", "--sampler", "dpm++2m",
+                                 "--zero-terminal-snr", "--json"])
+    assert result.exit_code == 0, result.output
+    sampling = json_records(result.stdout)[0]
+    assert (sampling["sampler"], sampling["sigmas"], sampling["spacing"], sampling["nfe"]) == ("dpm++2m", "edm", None, 4)
+    assert sampling["step_sigmas"] == ode.step_sigmas(ztsnr, 4, sigmas="edm")
+    assert sampling["step_sigmas"][1] == ode.EDM_SIGMA_MAX  # sigma_max (t = 998) > 80: the jump to 80
+    assert sampling["timesteps"][0] == 998 and sampling["timesteps"][-1] == 0
+    assert sampling["timesteps"] == pytest.approx([ode.sigma_to_t(ztsnr, s) for s in sampling["step_sigmas"][:-1]])
 
     result = runner.invoke(app, ["inspect-schedule", "--steps", "4", "--sampler", "ddim", "--json"])
     assert result.exit_code == 0, result.output
-    sampling = json.loads(result.stdout)["sampling"]
+    sampling = json_records(result.stdout)[0]
     assert sampling["timesteps"] == [999, 749, 499, 249] and sampling["step_sigmas"] is None
+    assert (sampling["sigmas"], sampling["spacing"]) == (None, "trailing")
 
     plot = tmp_path / "karras.png"
     result = runner.invoke(app, ["inspect-schedule", "--steps", "8", "--sampler", "euler", "--sigmas", "karras", "--plot", str(plot)])
@@ -351,8 +377,11 @@ def test_inspect_schedule_default_ode_steps_and_ddim(tmp_path):
     "args, message",
     [
         (["--sampler", "heun"], "--sampler needs --steps"),
-        (["--steps", "5", "--sigmas", "karras"], "--sigmas needs an ODE --sampler"),
-        (["--steps", "5", "--sampler", "ddpm", "--sigmas", "karras"], "--sigmas needs an ODE --sampler"),
+        (["--sigmas", "karras"], "--sigmas needs --steps"),
+        (["--steps", "5", "--sampler", "ddim", "--sigmas", "karras"], "--sigmas karras needs an ODE sampler"),
+        (["--steps", "5", "--sampler", "ddpm", "--sigmas", "edm"], "--sigmas edm needs an ODE sampler"),
+        (["--steps", "5", "--spacing", "leading"], "--spacing does not apply to --sigmas edm"),
+        (["--steps", "5", "--sampler", "heun", "--compare", "linear,cosine"], "heun's default edm sigmas depend on each"),
         (["--steps", "5", "--sampler", "rk4"], "unknown sampler 'rk4'"),
         (["--steps", "5", "--sampler", "heun", "--sigmas", "exp"], "unknown sigmas 'exp'"),
         (["--steps", "5", "--sampler", "heun", "--sigmas", "karras", "--spacing", "leading"], "--spacing does not apply"),

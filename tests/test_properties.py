@@ -64,7 +64,7 @@ name = mostly(valid_name, invalid_name)
 
 @st.composite
 def sample_args(draw) -> list[str]:
-    """`--steps` always (its default, 50, would make examples slow); the rest each maybe."""
+    """`--steps` always (its default, 15, would make examples slow); the rest each maybe."""
     args = [f"--steps={draw(steps)}"]
     optional = {"--eta": eta, "--guidance": guidance, "--batch-size": batch, "--num-images": num_images,
                 "--seed": seed, "--name": name}
@@ -103,6 +103,9 @@ def test_sample_options_never_crash(workdir, args):
     if result.exit_code == 0:
         printed = [Path(line) for line in result.stdout.splitlines()]
         assert printed and all(p.is_file() for p in printed), (args, result.stdout)
+        # the images and nothing else, all in --out: no grid without --grid (stderr is not a terminal)
+        assert sorted(written(out.parent)) == sorted(printed), (args, result.stdout)
+        assert all(out in p.parents for p in printed), (args, result.stdout)
         for p in printed:
             with Image.open(p) as im:
                 im.load()

@@ -297,9 +297,19 @@ def test_output_folder_under_a_regular_file_exits_1_with_the_path(diffcli, tmp_p
     assert code == 1, err
     assert str(blocker / "samples") in one_error_line(err)
 
+    # --plot never creates folders: one under a file is a missing folder like any other (exit 2)
     code, stdout, err = diffcli("inspect-schedule", "--plot", blocker / "plots" / "s.png", "--quiet")
+    assert code == 2, err
+    assert f"the folder of --plot does not exist: {blocker / 'plots'}" in one_error_line(err)
+    assert stdout == ""
+    # a folder that exists but the plot cannot be written there (a folder where the file should go,
+    # which even root cannot replace): exit 1, the path named, nothing left behind
+    taken = tmp_path / "plots" / "s.png"
+    taken.mkdir(parents=True)
+    code, stdout, err = diffcli("inspect-schedule", "--plot", taken, "--overwrite", "--quiet")
     assert code == 1, err
-    assert str(blocker / "plots") in one_error_line(err)
+    assert str(taken) in one_error_line(err)
+    assert stdout == "" and [p.name for p in taken.parent.iterdir()] == ["s.png"] and list(taken.iterdir()) == []
 
     data = toy_image_folder(per_class=1)
     code, stdout, err = diffcli("train", data, "--out", blocker / "run", "--model", "DiT-T/4", "--resolution", "8",
