@@ -145,6 +145,33 @@ def inspect_schedule(
 
 
 # --------------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def info(
+    model: Path = typer.Argument(..., metavar="MODEL", help="A model file or training checkpoint (.safetensors)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on one line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No messages on stderr."),
+) -> None:
+    """Show what a model file or training checkpoint holds, read from its header (no weights are loaded)."""
+    from diffcli import info as core
+
+    described = run_core(lambda: core.describe(model))
+    if json_out:
+        print(described.to_json())
+    else:
+        from rich.console import Console
+
+        # a pipe has no width: rich would assume 80 columns and wrap the table
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        with console.capture() as captured:
+            console.print(core.table(described))
+        print("\n".join(line.rstrip() for line in captured.get().splitlines()))  # no padding to the width
+
+
+# --------------------------------------------------------------------------------------------------
 # sample
 # --------------------------------------------------------------------------------------------------
 
