@@ -55,11 +55,15 @@ bench: $(BENCH_STAMP)
 
 # The shipped model: the exact recipe of weights/README.md. The run folder lives outside the
 # repository and `--resume auto` continues an interrupted run. About 9 hours on a 2-core CPU
-# (88 images/s); add TRAIN_FLAGS="--device cuda" on a GPU.
+# (88 images/s); add TRAIN_FLAGS="--device cuda" on a GPU. DATA is the MNIST test split as an image
+# folder: `python -m diffcli.mnist IDX_DIR DIR` makes one from the MNIST files. It is checked first,
+# so a missing folder fails before anything is installed or created.
 DATA ?= ../shared/data/mnist-10k
 WEIGHTS_RUN ?= ../diffcli-runs/mnist
 TRAIN_FLAGS ?=
-weights: install
+weights:
+	@test -d "$(DATA)" || { echo 'Error: no MNIST folder at $(DATA); make one with python -m diffcli.mnist and pass DATA=path (see weights/README.md)' >&2; exit 4; }
+	@$(MAKE) --no-print-directory install
 	$(VENV)/bin/diffcli train $(DATA) --out $(WEIGHTS_RUN) --resume auto \
 		--model DiT-M/4 --long-skip --resolution 28 --channels auto --batch-size 256 \
 		--lr 1e-3 --warmup-steps 500 --ema-decay 0.9995 --schedule cosine --prediction v \

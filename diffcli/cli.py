@@ -160,6 +160,34 @@ def inspect_schedule(
 
 
 # --------------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def info(
+    model: Path = typer.Argument(..., metavar="MODEL", help="A model file or training checkpoint (.safetensors)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on one line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No messages on stderr."),
+) -> None:
+    """Show what a model file or training checkpoint holds, read from its header (no weights are loaded)."""
+    from diffcli import info as core
+
+    described = run_core(lambda: core.describe(model), "info" if json_out else None)
+    if json_out:
+        from diffcli.records import line
+
+        print(line("info", **described.to_dict()))
+    else:
+        from diffcli.progress import console
+
+        out = console()
+        with out.capture() as captured:
+            out.print(core.table(described))
+        print("\n".join(text.rstrip() for text in captured.get().splitlines()))  # no padding to the width
+
+
+# --------------------------------------------------------------------------------------------------
 # sample
 # --------------------------------------------------------------------------------------------------
 

@@ -19,6 +19,11 @@ _IMAGE_OPTIONAL = (
 )
 _PROGRESS = (("task", "completed", "total", "elapsed", "eta"), ("loss", "images_per_second"))
 _ERROR = (("message", "exit_code"), ())
+_INFO = (
+    "path", "file_size", "sha256", "model_hash", "format", "format_version", "diffcli_version", "model_kind", "preset",
+    "parameters", "weights_dtype", "image_size", "channels", "classes", "model_config", "schedule", "prediction",
+    "sampling_defaults",
+)
 
 SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "sample": {
@@ -34,6 +39,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
                     ("interrupted",)),
         "error": _ERROR,
     },
+    "info": {kind: (_INFO, ("tuned", "training")) for kind in ("model", "checkpoint")} | {"error": _ERROR},
     "inspect-schedule": {
         "sampling": (("steps", "spacing", "sampler", "sigmas", "nfe", "timesteps", "step_sigmas"), ()),
         "schedule": (("schedule", "terminal_snr_db", "snr_below_0db_from_t"), ()),
