@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from diffcli import __version__, atomic, checkpoint
 from diffcli.data import ImageSet, load_folder, parse_resolution
+from diffcli.device import resolve_device, resolve_precision
 from diffcli.errors import DiffcliError, InputError, Interrupted, OutputExistsError, UsageError
 from diffcli.model import DiT, count_parameters, preset_config
 from diffcli.schedule import NoiseSchedule
@@ -145,8 +146,6 @@ class Dist:
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    from diffcli.generate import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), resolve_device(device_name)
@@ -458,8 +457,6 @@ def _resolve_resume(cfg: TrainConfig, run: RunDir) -> Path | None:
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    from diffcli.generate import resolve_precision
-
     return resolve_precision(cfg.precision, device)
 
 
