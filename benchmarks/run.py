@@ -13,8 +13,8 @@ diffcli is faster, except in the peak figures where it is the fraction of the ma
      diffcli.samplers.sample against diffusers' DDIMScheduler driving its model in the usual
      pipeline-style loop.
   3. training step, images/s: forward + backward + AdamW step at batch 64, diffcli's
-     train.diffusion_loss (TrainConfig defaults: v-prediction, Min-SNR weights) against an MSE-on-noise
-     step of the diffusers model.
+     training.losses.diffusion_loss (TrainConfig defaults: v-prediction, Min-SNR weights) against an
+     MSE-on-noise step of the diffusers model.
   4. achieved GFLOP/s of diffcli's forward and training step against torch.mm's fp32 GFLOP/s on
      4096x4096 matrices, timed interleaved with them (FLOPs counted analytically: dit_flops below).
   5. `diffcli sample --steps 50` with defaults on the shipped model, as a whole process: wall time
@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
 from diffcli.samplers import sample
 from diffcli.schedule import NoiseSchedule
-from diffcli.train import TrainConfig, diffusion_loss
+from diffcli.training import TrainConfig
+from diffcli.training.losses import diffusion_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results.json"

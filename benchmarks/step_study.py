@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffcli import ode
 from diffcli.checkpoint import ModelFile, load_model
-from diffcli.generate import autocast_denoiser, resolve_device, resolve_precision
+from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
 from diffcli.images import make_grid, save_png, to_pil, to_uint8
 from diffcli.samplers import SAMPLERS, sample
 

@@ -314,7 +314,7 @@ def train(
     import json
 
     from diffcli.progress import Progress
-    from diffcli.train import TrainConfig, train as train_core
+    from diffcli.training import TrainConfig, train as train_core
 
     cfg = TrainConfig(
         data_dir=str(data_dir), out=str(out), model=model, long_skip=long_skip, learn_sigma=learn_sigma,

@@ -23,12 +23,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffcli import atomic, checkpoint
-from diffcli import train as train_mod
 from diffcli.checkpoint import load_model, save_model
 from diffcli.cli import app, main
 from diffcli.images import read_png_text
 from diffcli.schedule import NoiseSchedule
-from diffcli.train import trim_metrics
+from diffcli.training import loop
+from diffcli.training.rundir import trim_metrics
 
 TINY_TRAIN = ["--model", "DiT-T/4", "--resolution", "8", "--batch-size", "4", "--warmup-steps", "1",
               "--device", "cpu", "--quiet"]
@@ -286,14 +286,14 @@ def test_nan_loss_from_the_cli_exits_1_naming_the_step(tmp_path, toy_image_folde
     data = toy_image_folder(per_class=1)
     run = tmp_path / "run"
     calls = {"n": 0}
-    real = train_mod.diffusion_loss
+    real = loop.diffusion_loss
 
     def inf_at_step_5(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
         return loss + float("inf") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", inf_at_step_5)
+    monkeypatch.setattr(loop, "diffusion_loss", inf_at_step_5)
     code, out, err = run_main(monkeypatch, capsys, "train", data, "--out", run, *TINY_TRAIN, "--steps", 10,
                               "--checkpoint-every", 2, "--sample-every", 0)
     assert code == 1, err

@@ -1,4 +1,4 @@
-"""diffcli.train: the run folder, exact resume, failure handling, the formulas the loop uses, signals,
+"""diffcli.training: the run folder, exact resume, failure handling, the formulas the loop uses, signals,
 DDP, and a toy set a tiny model must actually learn.
 
 Training runs use DiT-T/4 at 8x8 (a 2x2 token grid) and a handful of steps: about 20 ms a step on CPU.
@@ -20,13 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcli import checkpoint, train as train_mod
+from diffcli import checkpoint
 from diffcli.checkpoint import load_model
 from diffcli.errors import DiffcliError, InputError, OutputExistsError, UsageError
 from diffcli.schedule import NoiseSchedule
-from diffcli.train import (
-    DataOrder, TrainConfig, diffusion_loss, ema_decay_at, lr_at, min_snr_weight, train, vlb_term,
-)
+from diffcli.training import TrainConfig, loop, train
+from diffcli.training.batches import DataOrder
+from diffcli.training.loop import ema_decay_at, ema_update, lr_at
+from diffcli.training.losses import diffusion_loss, min_snr_weight, vlb_term
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -229,14 +230,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, to
     data = toy_image_folder(per_class=1)
     run = tmp_path / "run"
     calls = {"n": 0}
-    real = train_mod.diffusion_loss
+    real = loop.diffusion_loss
 
     def nan_at_step_3(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", nan_at_step_3)
+    monkeypatch.setattr(loop, "diffusion_loss", nan_at_step_3)
     with pytest.raises(DiffcliError, match="at step 3") as info:
         train(tiny(data, run, steps=10, checkpoint_every=2), log=quiet)
     assert "nan" in str(info.value).lower() and type(info.value) is DiffcliError
@@ -249,7 +250,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, to
     metrics = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics == [1, 2]
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", real)
+    monkeypatch.setattr(loop, "diffusion_loss", real)
     assert train(tiny(data, run, steps=4, checkpoint_every=2), log=quiet).resumed_from == 2
 
 
@@ -320,7 +321,7 @@ def test_ema_decay_warmup_and_update():
             p.fill_(1.0)
         for p in model.parameters():
             p.fill_(3.0)
-    train_mod._ema_update(ema, model, 0.9)  # 0.9 * 1 + 0.1 * 3
+    ema_update(ema, model, 0.9)  # 0.9 * 1 + 0.1 * 3
     assert all(torch.allclose(p, torch.full_like(p, 1.2)) for p in ema.parameters())
 
 

@@ -1,0 +1,104 @@
+"""TrainConfig: every option of a training run, the ones that must match to resume, and their checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from diffcli.data import parse_resolution
+from diffcli.errors import UsageError
+from diffcli.model import preset_config
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = ""
+    out: str = "runs/default"
+    # model
+    model: str = "DiT-M/4"
+    long_skip: bool = True
+    learn_sigma: bool = False
+    # data
+    resolution: str = "32"
+    channels: str = "auto"
+    crop: str = "center"
+    flip: bool = False
+    unconditional: bool = False
+    # optimisation
+    steps: int = 10000
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9995
+    # diffusion
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False
+    prediction: str = "v"
+    class_dropout: float = 0.1
+    min_snr_gamma: float = 5.0  # 0 disables Min-SNR weighting
+    timestep_sampling: str = "uniform"  # uniform | logit-normal
+    guidance: float = 1.5  # default CFG scale stored in the model file; previews use it
+    # machinery
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    sample_every: int = 1000
+    log_every: int = 50
+    resume: str = "auto"
+    tensorboard: bool = False
+    save_dtype: str = "fp32"  # weights in model.safetensors: fp32, or fp16 for half the size
+
+    # options that define what is trained: they must match when resuming
+    IDENTITY = (
+        "model", "long_skip", "learn_sigma", "resolution", "channels", "crop", "flip", "unconditional",
+        "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "grad_accum",
+        "ema_decay", "schedule", "timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction",
+        "class_dropout", "min_snr_gamma", "timestep_sampling", "seed",
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UsageError(msg)
+
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(finite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        need(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
+        need(finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be >= 0")
+        need(finite(self.max_grad_norm) and self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 disables)")
+        need(self.grad_accum >= 1, "--grad-accum must be >= 1")
+        need(self.batch_size % self.grad_accum == 0, "--batch-size must be divisible by --grad-accum")
+        need(finite(self.ema_decay) and 0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)")
+        need(self.prediction in ("epsilon", "v"), "--prediction must be epsilon or v")
+        need(finite(self.class_dropout) and 0 <= self.class_dropout <= 1, "--class-dropout must be in [0, 1]")
+        need(finite(self.min_snr_gamma) and self.min_snr_gamma >= 0, "--min-snr-gamma must be >= 0 (0 disables)")
+        need(self.timestep_sampling in ("uniform", "logit-normal"), "--timestep-sampling must be uniform or logit-normal")
+        need(self.lr_schedule in ("constant", "cosine"), "--lr-schedule must be constant or cosine")
+        need(finite(self.guidance) and self.guidance >= 0, "--guidance must be >= 0")
+        need(self.checkpoint_every >= 1 and self.sample_every >= 0 and self.log_every >= 1,
+             "--checkpoint-every and --log-every must be >= 1, --sample-every >= 0")
+        need(self.keep_last >= 1, "--keep-last must be >= 1")
+        need(self.num_workers >= 0, "--num-workers must be >= 0")
+        need(self.save_dtype in ("fp32", "fp16"), "--save-dtype must be fp32 or fp16")
+        need(not (self.zero_terminal_snr and self.prediction == "epsilon"),
+             "--zero-terminal-snr needs --prediction v (epsilon cannot be sampled at alpha_bar = 0)")
+        H, W = parse_resolution(self.resolution)
+        # an unknown preset or a resolution the patch size does not divide fails now, not after decoding
+        preset_config(self.model, image_height=H, image_width=W, learn_sigma=self.learn_sigma, long_skip=self.long_skip)

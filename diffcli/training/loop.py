@@ -1,0 +1,350 @@
+"""train(): set up a run, then step, log, checkpoint and preview until --steps or a signal stops it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from diffcli import __version__, atomic
+from diffcli.data import ImageSet, load_folder, parse_resolution
+from diffcli.device import resolve_precision
+from diffcli.errors import DiffcliError, Interrupted, UsageError
+from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
+from diffcli.schedule import NoiseSchedule
+from diffcli.training.batches import Batch, Batches
+from diffcli.training.config import TrainConfig
+from diffcli.training.distributed import Dist, all_mean, any_rank, process_group
+from diffcli.training.losses import diffusion_loss
+from diffcli.training.rundir import Checkpointer, Resumed, RunDir, load_state_tensors, resume_point
+
+
+@dataclass
+class TrainResult:
+    model_path: str
+    run_dir: str
+    steps: int
+    resumed_from: int
+    final_loss: float
+    seconds: float
+    images_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print,
+          progress: Callable[[int, int, str], None] | None = None,
+          decode_progress: Callable[[int, int], None] | None = None) -> TrainResult:
+    cfg.validate()
+    with process_group(cfg.device) as (d, device):
+        return _train(cfg, d, device, log if d.main else (lambda m: None), progress if d.main else None,
+                      decode_progress if d.main else None)
+
+
+def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str], None],
+           progress: Callable[[int, int, str], None] | None,
+           decode_progress: Callable[[int, int], None] | None) -> TrainResult:
+    started = time.time()  # temporary files in the run folder older than this are from a killed run
+    H, W = parse_resolution(cfg.resolution)
+    run = RunDir(cfg.out)
+    resumed = resume_point(cfg, run)
+    if resumed.path is not None:
+        log(f"resuming from {resumed.path} at step {resumed.step}")
+
+    data = _load_data(cfg, run, d, H, W, log, decode_progress)
+    mcfg = preset_config(cfg.model, image_height=H, image_width=W, in_channels=data.pixels.shape[1],
+                         num_classes=len(data.class_names), learn_sigma=cfg.learn_sigma, long_skip=cfg.long_skip)
+    learner = Learner.build(cfg, mcfg, d, device, resumed)
+    log(f"model: {cfg.model}{' +long-skip' if cfg.long_skip else ''}, "
+        f"{count_parameters(learner.model) / 1e6:.2f} M parameters; "
+        f"{device.type}{f' x{d.world}' if d.active else ''}, {str(learner.dtype).removeprefix('torch.')}")
+
+    summary = {"dataset": {**data.summary(), "path": str(cfg.data_dir)}, "model_config": mcfg.to_dict(),
+               "parameters": count_parameters(learner.model), "world_size": d.world, "diffcli_version": __version__}
+    if d.main:
+        run.start({"train": cfg.to_dict(), **summary}, started, resumed.step)
+    tb = _tensorboard(cfg, run) if d.main else None
+    batches = Batches(cfg, data, d.rank, d.world, device)
+    saver = Checkpointer(run, cfg, data, mcfg, learner.schedule)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    t_start = time.perf_counter()
+    prior_seconds = resumed.seconds
+    elapsed = lambda: prior_seconds + time.perf_counter() - t_start  # noqa: E731
+    meter = Meter(cfg, run, d.main, tb, progress)
+    step = resumed.step
+    with StopFlag() as stop:
+        while step < cfg.steps:
+            loss, grad_norm = learner.gradients(batches.at(step))
+            if not torch.isfinite(loss):
+                raise DiffcliError(
+                    f"loss is {float(loss)} at step {step + 1}; training stopped. The last good checkpoint "
+                    f"is kept in {run.checkpoints}; try a lower --lr or --precision fp32"
+                )
+            lr = lr_at(cfg, step)
+            learner.apply(lr, ema_decay_at(cfg, step))
+            step += 1
+            meter.after_step(step, loss, grad_norm, lr, elapsed)
+
+            # end of the step: checkpoint, preview, and stop together when any rank was signalled
+            stop_now = any_rank(stop.signal is not None, d, device)
+            if (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_now) and d.main:
+                saver.save(step, learner.model, learner.ema, learner.opt, elapsed, final=step == cfg.steps)
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps) and d.main:
+                png = run.samples / f"step_{step:07d}.png"
+                preview(learner.ema, learner.schedule, cfg, data.class_names, png, device)
+            if stop_now:
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run.checkpoints} "
+                                  f"(continue with --resume auto)")
+    meter.close()
+    secs = time.perf_counter() - t_start
+    done = step - resumed.step
+    return TrainResult(str(run.model), str(run.root), step, resumed.step, meter.last_loss, round(elapsed(), 2),
+                       round(done * cfg.batch_size / max(secs, 1e-9), 2))
+
+
+def _load_data(cfg: TrainConfig, run: RunDir, d: Dist, H: int, W: int, log: Callable[[str], None],
+               decode_progress: Callable[[int, int], None] | None) -> ImageSet:
+    data = load_folder(cfg.data_dir, (H, W), cfg.channels, cfg.crop, cfg.unconditional, cfg.num_workers,
+                       decode_progress, cache_path=run.cache if d.main else None)
+    if data.skipped:
+        names = ", ".join(Path(f).name for f, _ in data.skipped[:5])
+        log(f"warning: skipped {len(data.skipped)} unreadable file(s): {names}{' ...' if len(data.skipped) > 5 else ''}")
+    C = data.pixels.shape[1]
+    K = len(data.class_names)
+    log(f"data: {len(data.files)} images, {C} channel(s), {H}x{W}, "
+        + (f"{K} classes ({', '.join(data.class_names[:10])}{', ...' if K > 10 else ''})" if K else "unconditional"))
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# The model, its EMA copy and the optimizer; one optimizer step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Learner:
+    """What one optimizer step works on, and the step itself in two halves: gradients, then apply."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    model: DiT
+    ema: DiT
+    opt: torch.optim.Optimizer
+    net: torch.nn.Module  # the model as the loss calls it: wrapped for DDP and/or torch.compile
+    schedule: NoiseSchedule
+    dtype: torch.dtype  # autocast precision; float32 turns autocast off
+    scaler: torch.amp.GradScaler | None  # fp16 on CUDA only
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, mcfg: ModelConfig, d: Dist, device: torch.device, resumed: Resumed) -> Learner:
+        with torch.random.fork_rng(devices=[]):  # initialisation from the seed, without touching global RNG
+            torch.manual_seed(cfg.seed)
+            model = DiT(mcfg)
+        ema = DiT(mcfg)
+        ema.load_state_dict(model.state_dict())
+        model.to(device)
+        ema.to(device).eval().requires_grad_(False)
+        use_cuda = device.type == "cuda"
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                **({"fused": True} if use_cuda else {}))
+        if resumed.tensors:
+            load_state_tensors(resumed.tensors, model, ema, opt)
+        schedule = NoiseSchedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.zero_terminal_snr)
+        dtype = resolve_precision(cfg.precision, device)
+        if use_cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        scaler = torch.amp.GradScaler("cuda") if (dtype == torch.float16 and use_cuda) else None
+        net: torch.nn.Module = model
+        if d.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[d.local_rank] if use_cuda else None)
+        if cfg.compile:
+            net = torch.compile(net)
+        return cls(cfg, d, device, model, ema, opt, net, schedule, dtype, scaler)
+
+    def gradients(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over --grad-accum micro-batches (DDP averages the gradients across
+        ranks at the last one), then clipping. Returns the loss averaged over ranks and the gradient
+        norm before clipping."""
+        cfg, d = self.cfg, self.d
+        loss_sum = torch.zeros((), device=self.device)
+        for a, micro in enumerate(batch.split(cfg.grad_accum)):
+            sync = not d.active or a == cfg.grad_accum - 1
+            no_sync = d.active and not sync and hasattr(self.net, "no_sync")
+            ctx = self.net.no_sync() if no_sync else contextlib.nullcontext()
+            with ctx, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                per = diffusion_loss(self.net, self.schedule, cfg, micro.x0, micro.y, micro.t, micro.noise)
+                loss = per.mean() / cfg.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return all_mean(loss_sum, d), grad_norm.detach()
+
+    def apply(self, lr: float, ema_decay: float) -> None:
+        """The optimizer step at this learning rate, then the EMA update."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        ema_update(self.ema, self.model, ema_decay)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up (Goyal et al. 2017), then constant or cosine decay to 0."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.lr
+
+
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """The usual warm-up of the EMA decay: min(decay, (1 + step) / (10 + step))."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: DiT, model: DiT, decay: float) -> None:
+    ema_p = list(ema.parameters())
+    p = [q.detach() for q in model.parameters()]
+    torch._foreach_lerp_(ema_p, p, 1 - decay)  # ema = decay * ema + (1 - decay) * p
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run reports: metrics.jsonl, TensorBoard, the progress line, preview grids
+# --------------------------------------------------------------------------------------------------
+
+
+class Meter:
+    """Loss and gradient norm per step, averaged every --log-every steps into one metrics.jsonl record
+    (and TensorBoard scalars), and the progress line after every step."""
+
+    def __init__(self, cfg: TrainConfig, run: RunDir, main: bool, tb: Any,
+                 progress: Callable[[int, int, str], None] | None) -> None:
+        self.cfg, self.run, self.main, self.tb, self.progress = cfg, run, main, tb, progress
+        self.window: list[torch.Tensor] = []
+        self.window_gn: list[torch.Tensor] = []
+        self.t_window, self.smooth = time.perf_counter(), None
+        self.last_loss = float("nan")
+
+    def after_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                   elapsed: Callable[[], float]) -> None:
+        cfg = self.cfg
+        self.window.append(loss)
+        self.window_gn.append(grad_norm)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            self._record(step, lr, elapsed)
+        elif self.progress:
+            self.progress(step, cfg.steps, f"loss {self.smooth:.4f}" if self.smooth is not None else "")
+
+    def _record(self, step: int, lr: float, elapsed: Callable[[], float]) -> None:
+        B = self.cfg.batch_size
+        losses = torch.stack(self.window).float().cpu()
+        mean_loss = float(losses.mean())
+        self.last_loss = mean_loss
+        self.smooth = mean_loss if self.smooth is None else 0.9 * self.smooth + 0.1 * mean_loss
+        now = time.perf_counter()
+        ips = len(self.window) * B / max(now - self.t_window, 1e-9)
+        rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(torch.stack(self.window_gn).float().mean()),
+               "images_per_second": round(ips, 2), "elapsed": round(elapsed(), 2), "images_seen": step * B}
+        if self.main:
+            atomic.append_line(self.run.metrics, json.dumps(rec))
+            if self.tb is not None:
+                for k in ("loss", "lr", "grad_norm", "images_per_second"):
+                    self.tb.add_scalar(k, rec[k], step)
+        self.window, self.window_gn, self.t_window = [], [], now
+        if self.progress:
+            self.progress(step, self.cfg.steps, f"loss {self.smooth:.4f}  {ips:.0f} img/s")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard(cfg: TrainConfig, run: RunDir):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'diffcli[tensorboard]'") from None
+    return SummaryWriter(str(run.root / "tensorboard"))
+
+
+@torch.no_grad()
+def preview(ema: DiT, schedule: NoiseSchedule, cfg: TrainConfig, class_names: list[str], path: Path,
+            device: torch.device, steps: int = 25, per_class: int = 4) -> None:
+    """A grid from a fixed seed with the EMA weights: one row per class (per_class images each), or
+    16 images for an unconditional model."""
+    from diffcli.images import make_grid, save_png, to_pil, to_uint8
+    from diffcli.samplers import sample
+
+    K = len(class_names)
+    if K:
+        per = per_class if K <= 16 else 1
+        labels = torch.arange(K).repeat_interleave(per)
+        cols = per if K <= 16 else math.ceil(math.sqrt(K))
+    else:
+        labels, cols = None, 4
+    n = len(labels) if labels is not None else 16
+    cfg_m = ema.config
+    res = sample(ema, schedule, (cfg_m.in_channels, cfg_m.image_height, cfg_m.image_width), steps, "ddim",
+                 seeds=list(range(n)), labels=labels, null_label=ema.null_class if K else None,
+                 guidance=cfg.guidance if K else 1.0, prediction=cfg.prediction, device=device)
+    grid = to_pil(make_grid(to_uint8(res.images), ncols=cols))
+    scale = max(1, 64 // min(cfg_m.image_height, cfg_m.image_width))
+    if scale > 1:
+        from PIL import Image
+
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    save_png(path, grid, overwrite=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals
+# --------------------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits 130."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
