@@ -279,7 +279,7 @@ def train(
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Global batch size (split across processes)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
     lr_schedule: str = typer.Option("constant", "--lr-schedule", help="After warm-up: constant or cosine."),
-    warmup_steps: int = typer.Option(500, "--warmup-steps"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear learning-rate warm-up.", show_default="500, or a tenth of a shorter run"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0 disables)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
@@ -302,17 +302,16 @@ def train(
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every"),
     keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints to keep."),
     sample_every: int = typer.Option(1000, "--sample-every", help="Preview grid every N steps and at the end (0: never)."),
-    log_every: int = typer.Option(50, "--log-every"),
+    metrics_every: int = typer.Option(50, "--metrics-every", help="Steps per metrics.jsonl record."),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
     resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events (needs tensorboard)."),
     save_dtype: str = typer.Option("fp32", "--save-dtype", help="Weights in model.safetensors: fp32, or fp16 (half the size)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
-    json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="JSON Lines: a summary record on stdout, progress records on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
 ) -> None:
     """Train a diffusion transformer on a folder of images."""
-    import json
-
     from diffcli.progress import Progress
     from diffcli.training import TrainConfig, train as train_core
 
@@ -325,7 +324,7 @@ def train(
         zero_terminal_snr=zero_terminal_snr, prediction=prediction, class_dropout=class_dropout,
         min_snr_gamma=min_snr_gamma, timestep_sampling=timestep_sampling, guidance=guidance,
         precision=precision, compile=compile_, seed=seed, device=device, num_workers=num_workers,
-        checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, log_every=log_every,
+        checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, metrics_every=metrics_every,
         resume=resume, tensorboard=tensorboard, save_dtype=save_dtype,
     )
 
@@ -338,18 +337,20 @@ def train(
             import torch
 
             torch.set_num_threads(threads)
-        with Progress("training", quiet=quiet) as bar:
+        with Progress("training", quiet=quiet, log_every=log_every, json_command="train" if json_out else None) as bar:
             result = train_core(cfg, log=bar.log, progress=bar.update,
-                                decode_progress=lambda i, n: bar.update(i, n, "decoding images"))
+                                decode_progress=lambda i, n: bar.update(i, n, task="decoding images"))
         if os.environ.get("RANK", "0") != "0":
             return
         if json_out:
-            print(json.dumps(result.to_dict()))
+            from diffcli.records import emit
+
+            emit("train", "summary", **result.to_dict())
         else:
             print(f"model: {result.model_path}\nrun: {result.run_dir}\nsteps: {result.steps}  "
                   f"loss: {result.final_loss:.4f}  {result.images_per_second:.0f} img/s  {result.seconds:.0f} s")
 
-    run_core(job)
+    run_core(job, "train" if json_out else None)
 
 
 def usable_cpus() -> int:

@@ -39,7 +39,8 @@ class Progress:
         self._task = None
         self._start = time.monotonic()
         self._last_line = self._start
-        self._first: tuple[float, int] | None = None  # (time, completed) of the first update, for the rate
+        self._first: tuple[float, int] | None = None  # (time, completed) of the phase's first update, for the rate
+        self._phase = description
 
     def __enter__(self) -> "Progress":
         if not self.quiet and sys.stderr.isatty() and not self.json_command:
@@ -58,15 +59,17 @@ class Progress:
         if self._bar is not None:
             self._bar.__exit__(*exc)
 
-    def update(self, completed: int, total: int, info: str = "", **fields: Any) -> None:
+    def update(self, completed: int, total: int, info: str = "", task: str | None = None, **fields: Any) -> None:
         """Move the bar; in a log, print a line when log_every seconds have passed since the last.
-        `fields` (loss, images_per_second) go into the line and the `progress` record."""
+        `task` names a phase other than the description (decoding images); `fields` (loss,
+        images_per_second) go into the line and the `progress` record."""
         if self._bar is not None:
-            self._bar.update(self._task, completed=completed, total=total, info=info)
+            self._bar.update(self._task, completed=completed, total=total, info=info or (task or ""))
             return
         now = time.monotonic()
-        if self._first is None:
-            self._first = (now, completed)
+        task = task or self.description
+        if self._first is None or self._phase != task:
+            self._first, self._phase = (now, completed), task  # the rate of this phase only
         if self.quiet or now - self._last_line < self.log_every:
             return
         self._last_line = now
@@ -77,10 +80,10 @@ class Progress:
         if self.json_command:
             from diffcli.records import emit
 
-            emit(self.json_command, "progress", stream=sys.stderr, task=self.description, completed=completed,
+            emit(self.json_command, "progress", stream=sys.stderr, task=task, completed=completed,
                  total=total, elapsed=round(elapsed, 1), eta=None if eta is None else round(eta, 1), **fields)
             return
-        parts = [f"{self.description} {completed}/{total}"]
+        parts = [f"{task} {completed}/{total}"]
         if "loss" in fields:
             parts.append(f"loss {fields['loss']:.4f}")
         if "images_per_second" in fields:

@@ -35,8 +35,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     },
     "train": {
         "progress": _PROGRESS,
-        "summary": (("model_path", "run_dir", "steps", "resumed_from", "final_loss", "seconds", "images_per_second"),
-                    ("interrupted",)),
+        "summary": (("model_path", "run_dir", "steps", "resumed_from", "final_loss", "seconds", "images_per_second"), ()),
         "error": _ERROR,
     },
     "info": {kind: (_INFO, ("tuned", "training")) for kind in ("model", "checkpoint")} | {"error": _ERROR},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -62,6 +63,7 @@ def test_json_summary(tmp_path, toy_image_folder):
     result = train(str(data), "--out", str(tmp_path / "run"), *TINY, "--json", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
+    assert next(iter(summary)) == "kind" and summary["kind"] == "summary"
     assert summary["steps"] == 3 and summary["resumed_from"] == 0
     assert summary["model_path"] == str(tmp_path / "run" / "model.safetensors")
     assert load_model(summary["model_path"]).class_names == []
@@ -139,3 +141,60 @@ def test_resume_with_changed_lr_exit_2(tmp_path, toy_image_folder):
     result = train(str(data), "--out", str(run), *TINY, "--steps", "5", "--lr", "5e-4")
     assert result.exit_code == 2
     assert "cannot resume" in result.stderr and "--lr" in result.stderr
+
+
+TINY_AUTO_WARMUP = [a for a in TINY if a not in ("--warmup-steps", "1")]
+
+
+def test_warmup_fits_a_short_run_and_stays_on_resume(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=1)
+    run = tmp_path / "run"
+    result = train(str(data), "--out", str(run), *TINY_AUTO_WARMUP, "--steps", "30")
+    assert result.exit_code == 0, result.output
+    assert "warm-up: 3 steps (auto" in result.stderr  # a tenth of 30, said in the log ...
+    assert json.loads((run / "config.json").read_text())["train"]["warmup_steps"] == 3  # ... and in the config
+    # a longer run resumed from it keeps its warm-up (auto would now be 5): not an identity mismatch
+    longer = train(str(data), "--out", str(run), *TINY_AUTO_WARMUP, "--steps", "50")
+    assert longer.exit_code == 0, longer.output
+    assert "warm-up:" not in longer.stderr
+    assert json.loads((run / "config.json").read_text())["train"]["warmup_steps"] == 3
+    # given explicitly, it is what was given, and a change is refused on resume as before
+    given = train(str(data), "--out", str(tmp_path / "r2"), *TINY_AUTO_WARMUP, "--steps", "30", "--warmup-steps", "7")
+    assert given.exit_code == 0 and "warm-up:" not in given.stderr
+    assert json.loads((tmp_path / "r2" / "config.json").read_text())["train"]["warmup_steps"] == 7
+    assert train(str(data), "--out", str(run), *TINY_AUTO_WARMUP, "--steps", "60", "--warmup-steps", "6").exit_code == 2
+    # long runs keep the recipe's 500
+    from diffcli.training.config import auto_warmup
+
+    assert [auto_warmup(n) for n in (1, 9, 300, 4999, 5000, 11262)] == [0, 0, 30, 499, 500, 500]
+
+
+def test_in_a_log_training_prints_progress_lines(tmp_path, toy_image_folder):
+    """As under nohup: stderr is not a terminal, so plain lines (here every update, --log-every 0)."""
+    data = toy_image_folder(per_class=1)
+    result = train(str(data), "--out", str(tmp_path / "run"), *TINY, "--steps", "4", "--metrics-every", "2",
+                   "--log-every", "0")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("training ")]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert re.fullmatch(r"training 4/4  loss \d+\.\d{4}  \d+ img/s  elapsed \d+s  ETA \d+s", lines[-1]), lines[-1]
+    decoding = [line for line in result.stderr.splitlines() if line.startswith("decoding images ")]
+    assert decoding and decoding[-1].startswith("decoding images 3/3")
+
+
+def test_json_progress_records_on_stderr_and_the_summary_on_stdout(tmp_path, toy_image_folder):
+    from diffcli import records
+
+    data = toy_image_folder(per_class=1)
+    result = train(str(data), "--out", str(tmp_path / "run"), *TINY, "--steps", "3", "--metrics-every", "1",
+                   "--log-every", "0", "--json")
+    assert result.exit_code == 0, result.output
+    progress = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    for rec in progress:
+        records.check("train", rec)
+    steps = [r for r in progress if r["task"] == "training"]
+    assert [r["completed"] for r in steps] == [1, 2, 3] and steps[-1]["total"] == 3
+    assert all(isinstance(r["loss"], float) and r["images_per_second"] > 0 for r in steps)
+    (summary,) = [json.loads(line) for line in result.stdout.splitlines()]
+    records.check("train", summary)
+    assert summary["kind"] == "summary" and summary["steps"] == 3

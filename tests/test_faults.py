@@ -121,7 +121,7 @@ def test_training_killed_at_random_moments_loses_nothing_and_resumes(tmp_path, t
     run = tmp_path / "run"
     # a checkpoint every step and a preview every 2: most moments fall in or near a write
     args = ["train", data, "--out", run, *TINY_TRAIN, "--checkpoint-every", 1, "--keep-last", 2,
-            "--sample-every", 2, "--log-every", 1]
+            "--sample-every", 2, "--metrics-every", 1]
     rng = random.Random(20240607)
     for _ in range(3):
         # the moment: after 1 to 3 more steps (on the machine's own clock), then 0 to 150 ms into the next

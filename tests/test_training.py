@@ -38,7 +38,7 @@ def quiet(_: str) -> None:
 
 def tiny(data_dir: Path, out: Path, **overrides) -> TrainConfig:
     base = dict(data_dir=str(data_dir), out=str(out), model="DiT-T/4", resolution="8", steps=4, batch_size=4,
-                lr=1e-3, warmup_steps=2, checkpoint_every=2, sample_every=0, log_every=1, device="cpu")
+                lr=1e-3, warmup_steps=2, checkpoint_every=2, sample_every=0, metrics_every=1, device="cpu")
     return TrainConfig(**{**base, **overrides})
 
 
@@ -75,7 +75,7 @@ def subprocess_env() -> dict[str, str]:
 def test_run_folder_layout(tmp_path, toy_image_folder):
     data = toy_image_folder(per_class=2)
     run = tmp_path / "run"
-    cfg = tiny(data, run, steps=4, sample_every=2, checkpoint_every=2, log_every=1)
+    cfg = tiny(data, run, steps=4, sample_every=2, checkpoint_every=2, metrics_every=1)
     result = train(cfg, log=quiet)
 
     assert result.model_path == str(run / "model.safetensors") and result.run_dir == str(run)
@@ -208,7 +208,7 @@ def test_resume_with_a_different_identity_option_is_refused(tmp_path, toy_image_
     with pytest.raises(UsageError, match="--model"):
         train(tiny(data, run, steps=4, model="DiT-T/8"), log=quiet)
     # options outside the identity (steps, logging, checkpoint cadence) may change
-    assert train(tiny(data, run, steps=3, log_every=5, checkpoint_every=7), log=quiet).resumed_from == 2
+    assert train(tiny(data, run, steps=3, metrics_every=5, checkpoint_every=7), log=quiet).resumed_from == 2
 
 
 def test_resume_never_refuses_an_existing_run(tmp_path, toy_image_folder):
@@ -408,7 +408,7 @@ def test_sigint_saves_a_checkpoint_and_resume_auto_finishes(tmp_path, toy_image_
     run = tmp_path / "run"
     args = [sys.executable, "-m", "diffcli", "train", str(data), "--out", str(run), "--model", "DiT-T/4",
             "--resolution", "8", "--batch-size", "4", "--steps", "100000", "--checkpoint-every", "1000000",
-            "--sample-every", "0", "--log-every", "1", "--device", "cpu"]
+            "--sample-every", "0", "--metrics-every", "1", "--device", "cpu"]
     proc = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -497,7 +497,7 @@ def test_tiny_model_learns_class_colours(tmp_path, toy_image_folder):
     # tuned on training seeds 0-7: every class mean had a margin >= 1.1, and at most 1 of 18 images
     # per seed had the wrong dominant colour; ~5 s on one CPU thread
     cfg = tiny(data, tmp_path / "run", steps=300, batch_size=16, lr=3e-3, warmup_steps=20, ema_decay=0.99,
-               long_skip=True, guidance=1.5, class_dropout=0.1, checkpoint_every=10_000, log_every=50)
+               long_skip=True, guidance=1.5, class_dropout=0.1, checkpoint_every=10_000, metrics_every=50)
     result = train(cfg, log=quiet)
     mf = load_model(result.model_path)
     assert mf.class_names == ["blue", "green", "red"]

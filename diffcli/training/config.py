@@ -11,6 +11,14 @@ from diffcli.errors import UsageError
 from diffcli.model import preset_config
 
 
+AUTO_WARMUP = 500  # learning-rate warm-up steps of a long run (the shipped recipe's)
+
+
+def auto_warmup(steps: int) -> int:
+    """500 steps, or a tenth of a shorter run: a 300-step try-out warms up for 30 steps, not all 300."""
+    return min(AUTO_WARMUP, steps // 10)
+
+
 @dataclass
 class TrainConfig:
     data_dir: str = ""
@@ -30,7 +38,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
-    warmup_steps: int = 500
+    warmup_steps: int | None = None  # None: auto_warmup(steps), resolved (and recorded) when the run starts
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     grad_accum: int = 1
@@ -55,7 +63,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_last: int = 3
     sample_every: int = 1000
-    log_every: int = 50
+    metrics_every: int = 50  # steps per metrics.jsonl record
     resume: str = "auto"
     tensorboard: bool = False
     save_dtype: str = "fp32"  # weights in model.safetensors: fp32, or fp16 for half the size
@@ -67,6 +75,17 @@ class TrainConfig:
         "ema_decay", "schedule", "timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction",
         "class_dropout", "min_snr_gamma", "timestep_sampling", "seed",
     )
+
+    def resolve_warmup(self, saved: dict[str, Any] | None = None) -> str | None:
+        """Fill in warmup_steps when it was left to diffcli: the resumed run's value, else auto_warmup.
+        Returns a line saying what was chosen, or None when the user gave it."""
+        if self.warmup_steps is not None:
+            return None
+        if saved is not None and isinstance(saved.get("warmup_steps"), int):
+            self.warmup_steps = saved["warmup_steps"]
+            return None
+        self.warmup_steps = auto_warmup(self.steps)
+        return f"warm-up: {self.warmup_steps} steps (auto: {AUTO_WARMUP} steps, or a tenth of a run shorter than {10 * AUTO_WARMUP})"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -80,7 +99,7 @@ class TrainConfig:
         need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(finite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
-        need(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be >= 0")
         need(finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be >= 0")
         need(finite(self.max_grad_norm) and self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 disables)")
         need(self.grad_accum >= 1, "--grad-accum must be >= 1")
@@ -92,8 +111,8 @@ class TrainConfig:
         need(self.timestep_sampling in ("uniform", "logit-normal"), "--timestep-sampling must be uniform or logit-normal")
         need(self.lr_schedule in ("constant", "cosine"), "--lr-schedule must be constant or cosine")
         need(finite(self.guidance) and self.guidance >= 0, "--guidance must be >= 0")
-        need(self.checkpoint_every >= 1 and self.sample_every >= 0 and self.log_every >= 1,
-             "--checkpoint-every and --log-every must be >= 1, --sample-every >= 0")
+        need(self.checkpoint_every >= 1 and self.sample_every >= 0 and self.metrics_every >= 1,
+             "--checkpoint-every and --metrics-every must be >= 1, --sample-every >= 0")
         need(self.keep_last >= 1, "--keep-last must be >= 1")
         need(self.num_workers >= 0, "--num-workers must be >= 0")
         need(self.save_dtype in ("fp32", "fp16"), "--save-dtype must be fp32 or fp16")

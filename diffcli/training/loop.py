@@ -58,6 +58,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     resumed = resume_point(cfg, run)
     if resumed.path is not None:
         log(f"resuming from {resumed.path} at step {resumed.step}")
+    chosen = cfg.resolve_warmup()
+    if chosen:
+        log(chosen)
 
     data = _load_data(cfg, run, d, H, W, log, decode_progress)
     mcfg = preset_config(cfg.model, image_height=H, image_width=W, in_channels=data.pixels.shape[1],
@@ -103,7 +106,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
                 preview(learner.ema, learner.schedule, cfg, data.class_names, png, device)
             if stop_now:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run.checkpoints} "
-                                  f"(continue with --resume auto)")
+                                  f"(resume with --resume auto)")
     meter.close()
     secs = time.perf_counter() - t_start
     done = step - resumed.step
@@ -236,8 +239,9 @@ def ema_update(ema: DiT, model: DiT, decay: float) -> None:
 
 
 class Meter:
-    """Loss and gradient norm per step, averaged every --log-every steps into one metrics.jsonl record
-    (and TensorBoard scalars), and the progress line after every step."""
+    """Loss and gradient norm per step, averaged every --metrics-every steps into one metrics.jsonl
+    record (and TensorBoard scalars), and the progress (bar, or a line every --log-every seconds in a
+    log) after every step."""
 
     def __init__(self, cfg: TrainConfig, run: RunDir, main: bool, tb: Any,
                  progress: Callable[[int, int, str], None] | None) -> None:
@@ -246,16 +250,22 @@ class Meter:
         self.window_gn: list[torch.Tensor] = []
         self.t_window, self.smooth = time.perf_counter(), None
         self.last_loss = float("nan")
+        self.ips: float | None = None  # images/s over the last metrics window
 
     def after_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
                    elapsed: Callable[[], float]) -> None:
         cfg = self.cfg
         self.window.append(loss)
         self.window_gn.append(grad_norm)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.metrics_every == 0 or step == cfg.steps:
             self._record(step, lr, elapsed)
-        elif self.progress:
-            self.progress(step, cfg.steps, f"loss {self.smooth:.4f}" if self.smooth is not None else "")
+        if self.progress:
+            info = "" if self.smooth is None else f"loss {self.smooth:.4f}"
+            fields = {} if self.smooth is None else {"loss": round(self.smooth, 6)}
+            if self.ips is not None:
+                info += f"  {self.ips:.0f} img/s"
+                fields["images_per_second"] = round(self.ips, 2)
+            self.progress(step, cfg.steps, info, **fields)
 
     def _record(self, step: int, lr: float, elapsed: Callable[[], float]) -> None:
         B = self.cfg.batch_size
@@ -273,8 +283,7 @@ class Meter:
                 for k in ("loss", "lr", "grad_norm", "images_per_second"):
                     self.tb.add_scalar(k, rec[k], step)
         self.window, self.window_gn, self.t_window = [], [], now
-        if self.progress:
-            self.progress(step, self.cfg.steps, f"loss {self.smooth:.4f}  {ips:.0f} img/s")
+        self.ips = ips
 
     def close(self) -> None:
         if self.tb is not None:

@@ -144,6 +144,9 @@ def resume_point(cfg: TrainConfig, run: RunDir) -> Resumed:
         return Resumed()
     tensors, meta, _ = checkpoint.read(path, checkpoint.STATE_FORMAT, "training checkpoint")
     saved = checkpoint.meta_json(meta, "train_config", path)
+    if not isinstance(saved, dict):
+        raise InputError(f"{path} has malformed 'train_config' metadata")
+    cfg.resolve_warmup(saved)  # an automatic warm-up stays what the run started with, whatever --steps is now
     diff = [k for k in TrainConfig.IDENTITY if k in saved and saved[k] != getattr(cfg, k)]
     if diff:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in diff[:4])
