@@ -58,9 +58,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     resumed = resume_point(cfg, run)
     if resumed.path is not None:
         log(f"resuming from {resumed.path} at step {resumed.step}")
-    chosen = cfg.resolve_warmup()
-    if chosen:
-        log(chosen)
+    warmup_note = cfg.resolve_warmup()  # said once the data and model are known to be fine
 
     data = _load_data(cfg, run, d, H, W, log, decode_progress)
     mcfg = preset_config(cfg.model, image_height=H, image_width=W, in_channels=data.pixels.shape[1],
@@ -69,6 +67,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     log(f"model: {cfg.model}{' +long-skip' if cfg.long_skip else ''}, "
         f"{count_parameters(learner.model) / 1e6:.2f} M parameters; "
         f"{device.type}{f' x{d.world}' if d.active else ''}, {str(learner.dtype).removeprefix('torch.')}")
+    if warmup_note:
+        log(warmup_note)
 
     summary = {"dataset": {**data.summary(), "path": str(cfg.data_dir)}, "model_config": mcfg.to_dict(),
                "parameters": count_parameters(learner.model), "world_size": d.world, "diffcli_version": __version__}
