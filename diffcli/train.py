@@ -474,7 +474,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     state_meta: dict[str, str] = {}
     state: dict[str, torch.Tensor] = {}
     if resume_path is not None:
-        state, state_meta, _ = checkpoint.read(resume_path, checkpoint.STATE_FORMAT, "training checkpoint")
+        state, state_meta = checkpoint.read_state(resume_path)  # every field and tensor checked
         saved = checkpoint.meta_json(state_meta, "train_config", resume_path)
         diff = [k for k in TrainConfig.IDENTITY if k in saved and saved[k] != getattr(cfg, k)]
         if diff:
@@ -508,6 +508,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                             **({"fused": True} if use_cuda else {}))
     if state:
+        checkpoint.check_state_fits(state_meta, mcfg, resume_path)
         load_state_tensors(state, model, ema, opt)
     schedule = NoiseSchedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.zero_terminal_snr)
     dtype = _precision(cfg, device)
