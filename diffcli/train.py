@@ -485,7 +485,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
 
     # ---- data ------------------------------------------------------------------------------------
     data = load_folder(cfg.data_dir, (H, W), cfg.channels, cfg.crop, cfg.unconditional, cfg.num_workers,
-                       decode_progress, cache_path=run.cache if d.main else None)
+                       decode_progress, cache_path=run.cache if d.main else None, log=log)
     if data.skipped:
         names = ", ".join(Path(f).name for f, _ in data.skipped[:5])
         log(f"warning: skipped {len(data.skipped)} unreadable file(s): {names}{' ...' if len(data.skipped) > 5 else ''}")
