@@ -13,7 +13,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.diffcli-installed
 
-.PHONY: install test lint demo bench weights clean
+.PHONY: install test fuzz lint demo bench weights clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# The fuzz suite at length: FUZZ random mutants per reader on top of the systematic ones (`make test`
+# draws 60 to 150), seeded by FUZZ_SEED; prints how many mutants each reader tried. A few minutes.
+FUZZ ?= 5000
+FUZZ_SEED ?= 0
+fuzz: install
+	DIFFCLI_FUZZ=$(FUZZ) DIFFCLI_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s tests/test_fuzz.py
 
 lint: install
 	$(PY) -m pip install -q ruff

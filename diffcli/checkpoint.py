@@ -7,14 +7,24 @@ A model file holds the EMA weights of the plain module plus everything needed to
     class_names       ["0", "1", ...] (index -> name; [] for an unconditional model)
     training          summary (steps, images seen, dataset size, ...)
     sampling          defaults for sampling (guidance, ...)
-    diffcli_version
-Training state ("diffcli.state") holds model, EMA, optimizer moments and RNG states as tensors.
+    weights_dtype     "float32" | "float16"      diffcli_version
+Training state ("diffcli.state") holds model, EMA and optimizer moments as tensors, with the training
+options, step and model config in the metadata (resuming needs no RNG state: see train.py).
+
+Files travel, so each is checked in one step before any module is built or any memory is sized from
+it: the safetensors header (every tensor's dtype, shape and byte range, which must tile the file's
+data exactly), then every metadata field (types and ranges, see diffcli/validate.py), then the tensors
+the config says the file must hold: names, shapes and dtypes, nothing missing or extra. Only then are
+tensors read, so what loading allocates is bounded by the file's size. The first disagreement is an
+InputError (exit code 4) naming the field or tensor, with what was expected and what was found.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +33,34 @@ from typing import Any
 import torch
 
 from diffcli import __version__, atomic
-from diffcli.errors import DiffcliError, InputError
-from diffcli.model import DiT, ModelConfig
+from diffcli.errors import InputError
+from diffcli.model import DiT, ModelConfig, state_dict_shapes
 from diffcli.schedule import NoiseSchedule
+from diffcli.validate import Invalid, check_names, check_record, check_scalars, describe, parse_json
+from diffcli.validate import field as spec
 
 MODEL_FORMAT = "diffcli.model"
 STATE_FORMAT = "diffcli.state"
 FORMAT_VERSION = 1
 _MAX_HEADER = 100 * 1024 * 1024
+
+# safetensors dtypes diffcli can read, with their item sizes and their torch names (for messages)
+_DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"), "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E4M3": (1, "float8_e4m3fn"), "I16": (2, "int16"), "U16": (2, "uint16"), "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"), "I32": (4, "int32"), "U32": (4, "uint32"), "F32": (4, "float32"),
+    "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"),
+}
+_MAX_RANK = 16
+
+
+def dtype_name(dtype: str) -> str:
+    return _DTYPES[dtype][1] if dtype in _DTYPES else describe(dtype)
+
+
+def _name(name: str) -> str:
+    """A tensor name as shown in a message (a hostile file may hold very long ones)."""
+    return name if len(name) <= 120 else name[:117] + "..."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,50 +81,164 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, An
     atomic.write_bytes(path, encode(tensors, meta, fmt), overwrite=overwrite)
 
 
-def read(path: str | Path, fmt: str, what: str = "model file") -> tuple[dict[str, torch.Tensor], dict[str, str], bytes]:
-    """Read and validate a diffcli safetensors file: (tensors, metadata, raw bytes). InputError if it
-    is missing, not safetensors, truncated, foreign, or from a newer format version."""
-    from safetensors.torch import load
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the header describes it; begin and end are byte offsets into the data."""
 
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass
+class Header:
+    """A checked safetensors header: metadata strings and the tensors in the file's order."""
+
+    meta: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    file_size: int
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return d
+
+
+def _parse_header_json(head: bytes) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, tensor entries) from the header bytes; Invalid says what is wrong."""
+    if head[:1] != b"{":
+        raise Invalid("the header is not a JSON object")
+    try:
+        obj = json.loads(head.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise Invalid(f"the header names {_name(str(e))!r} twice") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise Invalid("the header is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise Invalid("the header is not a JSON object")
+    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise Invalid("__metadata__ is not an object")
+    bad = next((k for k, v in meta.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise Invalid(f"__metadata__ entry {_name(bad)!r} is {describe(meta[bad])}, not a string")
+    return meta, obj
+
+
+def _check_entries(entries: dict[str, Any], data_size: int) -> dict[str, TensorInfo]:
+    """Every entry's dtype, shape and byte range, and that the ranges tile the data exactly (no gaps,
+    no overlaps, nothing after the last): what safetensors' own loader needs, checked here so that
+    a bad file is named precisely and nothing is allocated from its claims."""
+    out: dict[str, TensorInfo] = {}
+    for name, e in entries.items():
+        t = f"tensor {_name(name)}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise Invalid(f"{t}: the entry must hold exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise Invalid(f"{t} has dtype {describe(dtype)}, which diffcli does not read")
+        if (not isinstance(shape, list) or len(shape) > _MAX_RANK
+                or not all(type(d) is int and 0 <= d <= 2**62 for d in shape)):
+            raise Invalid(f"{t} has shape {describe(shape)}; a shape is a list of at most {_MAX_RANK} non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise Invalid(f"{t} has data_offsets {describe(offsets)}; expected [begin, end] with 0 <= begin <= end")
+        need = math.prod(shape) * _DTYPES[dtype][0]
+        if offsets[1] - offsets[0] != need:
+            raise Invalid(f"{t} has {offsets[1] - offsets[0]} bytes of data, its shape {shape} of "
+                          f"{dtype_name(dtype)} needs {need}")
+        out[name] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+    pos, prev = 0, None
+    for name, info in sorted(out.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin > pos:
+            raise Invalid(f"bytes {pos} to {info.begin} of the data belong to no tensor")
+        if info.begin < pos:
+            raise Invalid(f"the data of tensors {_name(prev or '')} and {_name(name)} overlap")
+        pos, prev = info.end, name
+    if pos > data_size:
+        raise _Truncated(f"the tensors need {pos} bytes of data, the file holds {data_size}")
+    if pos < data_size:
+        extra = data_size - pos
+        raise Invalid(f"{extra} byte{'s' if extra != 1 else ''} after the last tensor's data belong to no tensor")
+    return out
+
+
+class _Truncated(Invalid):
+    pass
+
+
+def read_header(path: str | Path, fmt: str, what: str = "model file", whole: bool = True) -> tuple[Header, bytes | None]:
+    """Open a diffcli safetensors file and check its header: (header, the file's bytes or None when
+    whole=False, which reads the header alone). InputError if it is missing, not safetensors,
+    truncated, foreign, from a newer format version, or its tensor entries are inconsistent."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
     if not path.is_file():
         raise InputError(f"{what} is not a file: {path}")
+    bad = f"{path} is not a diffcli {what} (not a valid safetensors file)"
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read() if whole else f.read(8)
+            if len(data) < 8:
+                raise InputError(bad)
+            (n,) = struct.unpack("<Q", data[:8])
+            if n > min(size - 8, _MAX_HEADER):
+                raise InputError(f"{path} is truncated or not a safetensors file")
+            head = data[8 : 8 + n] if whole else f.read(n)
     except OSError as e:
         raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from e
-    bad = f"{path} is not a diffcli {what} (not a valid safetensors file)"
-    if len(data) < 8:
-        raise InputError(bad)
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > min(len(data) - 8, _MAX_HEADER):
-        raise InputError(f"{path} is truncated or not a safetensors file")
+    if whole:
+        size = len(data)
     try:
-        header = json.loads(data[8 : 8 + n])
-        meta = header.get("__metadata__") or {}
-        if not isinstance(meta, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise InputError(bad) from None
+        meta, entries = _parse_header_json(head)
+    except Invalid as e:
+        raise InputError(f"{bad[:-1]}: {e})") from None
     if meta.get("format") != fmt:
         found = meta.get("format")
-        kind = f"a {found!r} file" if found else "a safetensors file without diffcli metadata"
+        kind = f"a {_name(found)!r} file" if found else "a safetensors file without diffcli metadata"
         raise InputError(f"{path} is {kind}, not a diffcli {what}")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise InputError(f"{path} has a malformed format_version") from None
-    if version > FORMAT_VERSION:
+    version = meta.get("format_version", "")
+    if not (version.isascii() and version.isdigit() and len(version) <= 9):
+        raise InputError(f"{path} has a malformed format_version")
+    if int(version) > FORMAT_VERSION:
         raise InputError(
-            f"{path} uses format version {version}, newer than this diffcli's {FORMAT_VERSION}; upgrade diffcli"
+            f"{path} uses format version {int(version)}, newer than this diffcli's {FORMAT_VERSION}; upgrade diffcli"
         )
     try:
-        tensors = load(data)
-    except Exception as e:  # safetensors raises its own error types on truncation or bad offsets
+        tensors = _check_entries(entries, size - 8 - n)
+    except _Truncated as e:
+        raise InputError(f"{path} is truncated ({e})") from None
+    except Invalid as e:
+        raise InputError(f"{path} is corrupt ({e})") from None
+    return Header(meta, tensors, size), (data if whole else None)
+
+
+def load_tensors(data: bytes, path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file whose header read_header has checked (so this allocates no more than the
+    file holds)."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types; the header check leaves none)
         raise InputError(f"{path} is truncated or corrupt ({type(e).__name__})") from None
-    return tensors, meta, data
+
+
+def read(path: str | Path, fmt: str, what: str = "model file") -> tuple[dict[str, torch.Tensor], dict[str, str], bytes]:
+    """Read a diffcli safetensors file whose header checks out: (tensors, metadata, raw bytes)."""
+    header, data = read_header(path, fmt, what)
+    assert data is not None
+    return load_tensors(data, path), header.meta, data
 
 
 def meta_json(meta: dict[str, str], key: str, path: Path | str, default: Any = ...) -> Any:
@@ -103,9 +247,39 @@ def meta_json(meta: dict[str, str], key: str, path: Path | str, default: Any = .
             return default
         raise InputError(f"{path} lacks the '{key}' metadata")
     try:
-        return json.loads(meta[key])
-    except ValueError:
+        return parse_json(meta[key], key)
+    except Invalid:
         raise InputError(f"{path} has malformed '{key}' metadata") from None
+
+
+Expected = dict[str, tuple[tuple[int, ...], tuple[str, ...]]]  # name -> (shape, allowed dtypes)
+
+
+def tensor_problem(found: dict[str, TensorInfo], expected: Expected, needs: str = "the config needs",
+                   of: str = "the model the config describes") -> str | None:
+    """The first disagreement between the tensors a header lists and those expected (in the expected
+    order, then anything extra), or None."""
+    for name, (shape, dtypes) in expected.items():
+        t = found.get(name)
+        if t is None:
+            return f"tensor {_name(name)} is missing"
+        if t.shape != shape:
+            return f"tensor {_name(name)} has shape {list(t.shape)}, {needs} {list(shape)}"
+        if t.dtype not in dtypes:
+            return f"tensor {_name(name)} is {dtype_name(t.dtype)}, {needs} {' or '.join(dtype_name(d) for d in dtypes)}"
+    extra = next((k for k in found if k not in expected), None)
+    if extra is not None:
+        return f"tensor {_name(extra)} is not part of {of}"
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | Path, nonnegative: tuple[str, ...] = ()) -> None:
+    """Every floating-point tensor finite (and those named by a prefix in `nonnegative` >= 0)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path}: tensor {_name(name)} holds NaN or infinite values")
+        if name.startswith(nonnegative) and t.is_floating_point() and bool((t < 0).any()):
+            raise InputError(f"{path}: tensor {_name(name)} holds negative values")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,68 +333,166 @@ def save_model(
     write(path, tensors, meta, MODEL_FORMAT, overwrite=overwrite)
 
 
-def _parse_model_meta(meta: dict[str, str], path: str | Path) -> tuple[ModelConfig, NoiseSchedule, str, list[str]]:
+# The optional metadata of a model file, each checked when present
+_SAMPLING = (spec("guidance", float, min=0, default=1.0),)
+_WEIGHT_DTYPES = {"float32": "F32", "float16": "F16"}
+
+
+@dataclass
+class ModelSpec:
+    """What a model file's metadata says, every field checked."""
+
+    config: ModelConfig
+    schedule: NoiseSchedule
+    prediction: str
+    class_names: list[str]
+    training: dict[str, Any]
+    sampling: dict[str, Any]
+    weights_dtype: str | None  # the safetensors dtype every weight has, or None when not recorded
+
+
+def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
+    def load(key: str, default: Any = ...) -> Any:
+        return meta_json(meta, key, path, default)
+
+    cfg_json, schedule_json = load("model_config"), load("schedule")  # "lacks"/"malformed" before field checks
     try:
-        cfg = ModelConfig.from_dict(meta_json(meta, "model_config", path)).validate()
-        schedule = NoiseSchedule.from_dict(meta_json(meta, "schedule", path))
-    except (DiffcliError, TypeError) as e:
-        if isinstance(e, InputError):
-            raise
+        cfg = ModelConfig.from_dict(cfg_json)
+        schedule = NoiseSchedule.from_dict(schedule_json)
+        if "prediction" not in meta:
+            raise Invalid("prediction is missing")
+        prediction = spec("prediction", str, choices=("epsilon", "v")).check(meta["prediction"])
+        if prediction == "epsilon" and schedule.spec.zero_terminal_snr:
+            raise Invalid("prediction 'epsilon' cannot be sampled with schedule.zero_terminal_snr (alpha_bar reaches 0)")
+        names = check_names(load("class_names", []), "class_names", count=cfg.num_classes)
+        if "image_size" in meta and load("image_size") != [cfg.image_height, cfg.image_width]:
+            raise Invalid(f"image_size is {describe(load('image_size'))}, the model config has "
+                          f"[{cfg.image_height}, {cfg.image_width}]")
+        if "channels" in meta and load("channels") != cfg.in_channels:
+            raise Invalid(f"channels is {describe(load('channels'))}, the model config has {cfg.in_channels}")
+        weights = meta.get("weights_dtype")
+        if weights is not None:
+            spec("weights_dtype", str, choices=tuple(_WEIGHT_DTYPES)).check(weights)
+        sampling = check_scalars(load("sampling", {}), "sampling")
+        check_record(sampling, _SAMPLING, "sampling", extra=True)
+        training = check_scalars(load("training", {}), "training")
+        if "diffcli_version" in meta:
+            spec("diffcli_version", str, max_len=64).check(meta["diffcli_version"])
+    except Invalid as e:
         raise InputError(f"{path} has invalid model metadata: {e}") from None
-    prediction = meta.get("prediction", "")
-    if prediction not in ("epsilon", "v"):
-        raise InputError(f"{path} has an unknown prediction type {prediction!r}")
-    names = meta_json(meta, "class_names", path, default=[])
-    if not isinstance(names, list) or len(names) != cfg.num_classes:
-        raise InputError(f"{path}: class_names do not match the model's {cfg.num_classes} classes")
-    return cfg, schedule, prediction, [str(n) for n in names]
+    return ModelSpec(cfg, schedule, prediction, names, training, sampling,
+                     _WEIGHT_DTYPES.get(weights) if weights else None)
 
 
-def _check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """The tensors' names and shapes against a model built on the meta device (no memory), so that a
-    file whose config and weights disagree (or whose config claims a huge model) fails before any
-    weights are allocated."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in DiT(cfg).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if found == expected:
-        return
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-    else:
-        k = next(k for k in sorted(expected) if expected[k] != found[k])
-        detail = f"{k} has shape {list(found[k])}, the config needs {list(expected[k])}"
-    raise InputError(f"{path}: tensors do not match the model config ({detail[:200]})")
+def validate_model_file(header: Header, path: str | Path) -> ModelSpec:
+    """The one check of a model file before anything is built from it: every metadata field, then
+    the tensors the config needs against those the header lists (names, shapes and dtypes, nothing
+    missing or extra). Costs what the header's size allows: the config's sizes are bounded first."""
+    ms = _model_meta(header.meta, path)
+    dtypes = (ms.weights_dtype,) if ms.weights_dtype else tuple(_WEIGHT_DTYPES.values())
+    expected = {k: (shape, dtypes) for k, shape in state_dict_shapes(ms.config).items()}
+    problem = tensor_problem(header.tensors, expected)
+    if problem:
+        raise InputError(f"{path}: tensors do not match the model config ({problem})")
+    return ms
 
 
 def read_schedule(path: str | Path) -> NoiseSchedule:
-    tensors, meta, _ = read(path, MODEL_FORMAT)
-    cfg, schedule, _, _ = _parse_model_meta(meta, path)
-    _check_tensors(cfg, tensors, path)  # a model file that cannot be sampled is refused here too
-    return schedule
+    """The schedule of a model file, read from its header alone; a file that could not be sampled
+    (bad metadata, tensors that disagree with the config) is refused here too."""
+    header, _ = read_header(path, MODEL_FORMAT, whole=False)
+    return validate_model_file(header, path).schedule
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFile:
-    tensors, meta, data = read(path, MODEL_FORMAT)
-    cfg, schedule, prediction, names = _parse_model_meta(meta, path)
-    _check_tensors(cfg, tensors, path)
-    model = DiT(cfg)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise InputError(f"{path}: tensors do not match the model config ({detail[:200]})") from None
+    header, data = read_header(path, MODEL_FORMAT)
+    assert data is not None
+    ms = validate_model_file(header, path)
+    tensors = load_tensors(data, path)
+    check_finite(tensors, path)
+    model = DiT(ms.config)  # the same parameters the file holds, in float32: at most twice its size
+    model.load_state_dict(tensors, strict=True)  # names and shapes checked above; fp16 is cast up
+    del tensors
     model.to(device).eval()
     return ModelFile(
         model=model,
-        config=cfg,
-        schedule=schedule,
-        prediction=prediction,
-        class_names=names,
-        training=meta_json(meta, "training", path, default={}),
-        sampling=meta_json(meta, "sampling", path, default={}),
+        config=ms.config,
+        schedule=ms.schedule,
+        prediction=ms.prediction,
+        class_names=ms.class_names,
+        training=ms.training,
+        sampling=ms.sampling,
         sha256=hashlib.sha256(data).hexdigest(),
         path=str(path),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Training state
+# --------------------------------------------------------------------------------------------------
+
+_MAX_STEP = 10**12
+
+
+def _state_expected(cfg: ModelConfig, with_optimizer: bool) -> Expected:
+    """model.*, ema.* and (after the first step) AdamW's moments and step counter per parameter, all float32."""
+    shapes = state_dict_shapes(cfg)
+    f32 = ("F32",)
+    out: Expected = {f"model.{k}": (s, f32) for k, s in shapes.items()}
+    out |= {f"ema.{k}": (s, f32) for k, s in shapes.items()}
+    if with_optimizer:
+        for k, s in shapes.items():
+            out |= {f"opt.exp_avg.{k}": (s, f32), f"opt.exp_avg_sq.{k}": (s, f32), f"opt.step.{k}": ((), f32)}
+    return out
+
+
+def _state_meta(meta: dict[str, str], path: str | Path) -> ModelConfig:
+    def load(key: str, default: Any = ...) -> Any:
+        return meta_json(meta, key, path, default)
+
+    cfg_json, schedule_json, train_json = load("model_config"), load("schedule"), load("train_config")
+    try:
+        cfg = ModelConfig.from_dict(cfg_json)
+        NoiseSchedule.from_dict(schedule_json)
+        check_scalars(train_json, "train_config")
+        check_names(load("class_names", []), "class_names", count=cfg.num_classes)
+        step = meta.get("step", "0")
+        if not (step.isascii() and step.isdigit() and len(step) <= 13 and int(step) <= _MAX_STEP):
+            raise Invalid(f"step must be an integer in [0, {_MAX_STEP}], found {describe(step)}")
+        seconds = meta.get("seconds", "0")
+        try:
+            ok = len(seconds) <= 32 and math.isfinite(float(seconds)) and float(seconds) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise Invalid(f"seconds must be a finite number >= 0, found {describe(seconds)}")
+    except Invalid as e:
+        raise InputError(f"{path} has invalid training-state metadata: {e}") from None
+    return cfg
+
+
+def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A training-state file for --resume, checked in one step like a model file: metadata fields,
+    then the tensors its model config needs (model, EMA, optimizer moments), then their values
+    (finite; second moments and step counters >= 0). InputError names the first disagreement."""
+    header, data = read_header(path, STATE_FORMAT, "training checkpoint")
+    assert data is not None
+    cfg = _state_meta(header.meta, path)
+    with_opt = any(k.startswith("opt.") for k in header.tensors)
+    problem = tensor_problem(header.tensors, _state_expected(cfg, with_opt))
+    if problem:
+        raise InputError(f"{path}: tensors do not match the model config ({problem})")
+    tensors = load_tensors(data, path)
+    check_finite(tensors, path, nonnegative=("opt.exp_avg_sq.", "opt.step."))
+    return tensors, header.meta
+
+
+def check_state_fits(meta: dict[str, str], cfg: ModelConfig, path: str | Path) -> None:
+    """The model a training state holds against the one the data and options give now (the data
+    folder may have gained a class or changed channels since): InputError naming the first difference."""
+    saved = ModelConfig.from_dict(meta_json(meta, "model_config", path))
+    diff = [(k, v, getattr(cfg, k)) for k, v in saved.to_dict().items() if v != getattr(cfg, k)]
+    if diff:
+        k, was, now = diff[0]
+        raise InputError(f"cannot resume {path}: its model has {k} {was!r}, the data and options now give {now!r} "
+                         f"(has the data folder changed?)")

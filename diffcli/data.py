@@ -18,10 +18,12 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from diffcli.errors import InputError, UsageError
+from diffcli.validate import Invalid, check_names, describe
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 MAX_PIXELS = 80_000_000  # larger images (decompression bombs) are refused before decoding
 RANDOM_CROP_MARGIN = 1.125  # --crop random: cache at 1.125x the target, crop a random window per step
+CACHE_FORMAT = "diffcli.datacache"
 
 
 @dataclass
@@ -81,6 +83,10 @@ def find_images(root: str | Path, unconditional: bool = False) -> tuple[list[Pat
     if unconditional or not subdirs:
         return files, [0] * len(files), []
     files = [p for p in files if len(p.relative_to(root).parts) > 1]  # loose files at the top are not a class
+    try:  # a model file's class names must pass the same check when it is loaded
+        check_names(subdirs, "class folder names")
+    except Invalid as e:
+        raise InputError(f"{root}: {e}; rename the folder") from None
     index = {name: i for i, name in enumerate(subdirs)}
     return files, [index[p.relative_to(root).parts[0]] for p in files], subdirs
 
@@ -148,8 +154,10 @@ def load_folder(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     cache_path: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ImageSet:
-    """Find, decode, resize and cache every image. InputError (exit 4) when nothing usable is found."""
+    """Find, decode, resize and cache every image. InputError (exit 4) when nothing usable is found.
+    A cache that fails its checks is rebuilt, with a line to `log` saying why."""
     if channels not in ("auto", "1", "3"):
         raise UsageError(f"--channels must be auto, 1 or 3, got {channels!r}")
     if crop not in ("center", "random"):
@@ -161,7 +169,8 @@ def load_folder(
         raise InputError(f"no images found in {root} (looked for {', '.join(sorted(EXTENSIONS))})")
     key = fingerprint(files, labels, f"{H}x{W}|{channels}|{margin}|{names}")
     if cache_path is not None:
-        cached = _read_cache(cache_path, key)
+        expect = _CacheExpect(key, files, labels, names, (round(H * margin), round(W * margin)), channels)
+        cached = _read_cache(cache_path, expect, log or (lambda message: None))
         if cached is not None:
             return cached
     workers = workers or min(8, os.cpu_count() or 1)
@@ -211,25 +220,94 @@ def load_folder(
 def _write_cache(path: str | Path, key: str, s: ImageSet) -> None:
     from diffcli import checkpoint
 
-    meta = {"key": key, "class_names": s.class_names, "files": s.files, "skipped": s.skipped}
-    checkpoint.write(path, {"pixels": s.pixels, "labels": s.labels}, meta, "diffcli.datacache")
+    meta = {"key": key, "class_names": s.class_names, "files": s.files, "skipped": s.skipped,
+            "sha256": _digest(s.pixels, s.labels)}
+    checkpoint.write(path, {"pixels": s.pixels, "labels": s.labels}, meta, CACHE_FORMAT)
 
 
-def _read_cache(path: str | Path, key: str) -> ImageSet | None:
-    from diffcli import checkpoint
+def _digest(pixels: torch.Tensor, labels: torch.Tensor) -> str:
+    """SHA-256 of the cached pixels and labels: damage to the data itself is found like damage to the
+    metadata (pixel values have no range to check)."""
+    h = hashlib.sha256()
+    for t in (pixels, labels):
+        h.update(bytes(t.contiguous().clone().untyped_storage()))
+    return h.hexdigest()
 
+
+@dataclass
+class _CacheExpect:
+    """What a cache for this folder and these settings must hold."""
+
+    key: str
+    files: list[Path]  # every image file found, in order
+    labels: list[int]
+    class_names: list[str]
+    size: tuple[int, int]  # (h, w) of the cached images
+    channels: str
+
+
+def _read_cache(path: str | Path, expect: _CacheExpect, log: Callable[[str], None]) -> ImageSet | None:
+    """The cached set, or None: no cache, one for another folder state or other settings (rebuilt
+    quietly), or one that fails its checks (rebuilt with a log line; never trusted)."""
     if not Path(path).exists():
         return None
     try:
-        tensors, meta, _ = checkpoint.read(path, "diffcli.datacache", "data cache")
-        if meta.get("key") != key:
-            return None
-        return ImageSet(
-            pixels=tensors["pixels"],
-            labels=tensors["labels"],
-            class_names=checkpoint.meta_json(meta, "class_names", path),
-            files=checkpoint.meta_json(meta, "files", path),
-            skipped=[tuple(x) for x in checkpoint.meta_json(meta, "skipped", path)],
-        )
-    except (InputError, KeyError):
-        return None  # a stale or damaged cache is rebuilt, never trusted
+        return _checked_cache(path, expect)
+    except _Stale:
+        return None
+    except (InputError, Invalid) as e:
+        reason = str(e).replace(str(path), "the file")
+        log(f"data cache {path} is invalid ({reason}), rebuilding")
+        return None
+
+
+class _Stale(Exception):
+    pass
+
+
+def _checked_cache(path: str | Path, expect: _CacheExpect) -> ImageSet:
+    """The cache's header, metadata and tensors against what this folder gives: the file list (those
+    cached and those skipped, in order), the class names, every label, the image size and channels."""
+    from diffcli import checkpoint
+
+    header, data = checkpoint.read_header(path, CACHE_FORMAT, "data cache")
+    meta = header.meta
+    if meta.get("key") != expect.key:
+        raise _Stale
+    names = checkpoint.meta_json(meta, "class_names", path)
+    if names != expect.class_names:
+        raise Invalid(f"class_names are {describe(names)}, the folder has {describe(expect.class_names)}")
+    files = checkpoint.meta_json(meta, "files", path)
+    skipped = checkpoint.meta_json(meta, "skipped", path)
+    found = [str(f) for f in expect.files]
+    if not isinstance(skipped, list) or not all(
+        isinstance(x, list) and len(x) == 2 and all(isinstance(v, str) and len(v) <= 4096 for v in x) for x in skipped
+    ):
+        raise Invalid(f"skipped must be a list of [file, reason] pairs, found {describe(skipped)}")
+    gone = {f for f, _ in skipped}
+    if len(gone) != len(skipped) or not gone <= set(found):
+        raise Invalid("skipped lists files that the folder does not hold, or lists one twice")
+    kept = [f for f in found if f not in gone]
+    if files != kept or not kept:
+        raise Invalid(f"files lists {describe(files)}, the folder gives {describe(kept)} readable files")
+    label_of = dict(zip(found, expect.labels))
+    labels = [label_of[f] for f in kept]
+    if expect.class_names and len(set(labels)) != len(expect.class_names):
+        raise Invalid("a class has no cached images")
+    h, w = expect.size
+    pix = header.tensors.get("pixels")
+    C = {"1": 1, "3": 3}.get(expect.channels)
+    if C is None:  # auto: one channel when every image was gray
+        C = pix.shape[1] if pix is not None and len(pix.shape) == 4 and pix.shape[1] in (1, 3) else 3
+    expected = {"pixels": ((len(kept), C, h, w), ("U8",)), "labels": ((len(kept),), ("I64",))}
+    problem = checkpoint.tensor_problem(header.tensors, expected, "the folder needs", "a data cache")
+    if problem:
+        raise Invalid(problem)
+    assert data is not None
+    tensors = checkpoint.load_tensors(data, path)
+    if tensors["labels"].tolist() != labels:
+        raise Invalid("labels differ from the folder's class folders")
+    if meta.get("sha256") != _digest(tensors["pixels"], tensors["labels"]):
+        raise Invalid("the pixels or labels do not match their recorded SHA-256")
+    return ImageSet(pixels=tensors["pixels"], labels=tensors["labels"], class_names=names, files=kept,
+                    skipped=[(f, why) for f, why in skipped])

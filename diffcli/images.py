@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from diffcli import atomic
+from diffcli.errors import InputError
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,105 @@ def generation_text(params: dict[str, Any]) -> dict[str, str]:
     return {"parameters": parameters_text(params), "diffcli": json.dumps(params, sort_keys=True)}
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def read_png_text(path: str | Path) -> dict[str, str]:
-    with Image.open(path) as im:
-        im.load()
-        return dict(getattr(im, "text", {}) or {})
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG, keyword -> text, read without decoding any pixels.
+
+    A PNG may come from anywhere, so the chunks are walked here with bounds rather than by decoding
+    the image: InputError (exit code 4) for a file that is missing, not a PNG, truncated (no IEND
+    chunk) or damaged (a text chunk failing its CRC), and for text beyond Pillow's own limits
+    (PngImagePlugin.MAX_TEXT_CHUNK per chunk, stored or decompressed; MAX_TEXT_MEMORY in all), so
+    neither a huge chunk nor a compression bomb can take more. A text chunk whose content cannot be
+    decoded (an unknown compression method, bad UTF-8 in iTXt) is skipped, as Pillow skips it; a
+    keyword seen twice keeps its last text, as in Pillow."""
+    from PIL.PngImagePlugin import MAX_TEXT_CHUNK, MAX_TEXT_MEMORY
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"PNG file not found: {path}")
+    text: dict[str, str] = {}
+    total = 0
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                raise InputError(f"{path} is not a PNG file")
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise InputError(f"{path} is truncated (it ends before the PNG's IEND chunk)")
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if length >= 2**31:
+                    raise InputError(f"{path} is damaged (a chunk claims {length} bytes; PNG allows 2^31 - 1)")
+                if kind == b"IEND":
+                    return text
+                if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+                    f.seek(length + 4, 1)  # image data and other chunks: skipped unread (a short file shows next)
+                    continue
+                if length > MAX_TEXT_CHUNK:
+                    raise InputError(f"{path}: a PNG {kind.decode()} chunk holds {length} bytes, more than the "
+                                     f"{MAX_TEXT_CHUNK} diffcli reads")
+                body, crc = f.read(length), f.read(4)
+                if len(body) < length or len(crc) < 4:
+                    raise InputError(f"{path} is truncated (it ends inside a {kind.decode()} chunk)")
+                if zlib.crc32(kind + body) != int.from_bytes(crc, "big"):
+                    raise InputError(f"{path} is damaged (a {kind.decode()} chunk fails its CRC check)")
+                entry = _text_chunk(kind, body, MAX_TEXT_CHUNK)
+                if entry is None:
+                    continue
+                key, value = entry
+                total += len(value)
+                if total > MAX_TEXT_MEMORY:
+                    raise InputError(f"{path}: its PNG text chunks hold more than {MAX_TEXT_MEMORY} characters")
+                text[key] = value
+    except _TooLarge as e:
+        raise InputError(f"{path}: a PNG {e} chunk decompresses to more than {MAX_TEXT_CHUNK} bytes") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _inflate(data: bytes, limit: int, kind: str) -> bytes | None:
+    """zlib data inflated to at most `limit` bytes (_TooLarge beyond), None if it is not zlib data."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, limit)
+    except zlib.error:
+        return None
+    if d.unconsumed_tail:
+        raise _TooLarge(kind)
+    return out
+
+
+def _text_chunk(kind: bytes, body: bytes, limit: int) -> tuple[str, str] | None:
+    """(keyword, text) of one tEXt, zTXt or iTXt chunk, or None when its content cannot be read."""
+    key, _, rest = body.partition(b"\0")
+    if not key:
+        return None
+    keyword = key.decode("latin-1")
+    if kind == b"tEXt":
+        return keyword, rest.decode("latin-1")
+    if kind == b"zTXt":
+        if rest[:1] != b"\0":  # compression method 0 (zlib) is the only one defined
+            return None
+        raw = _inflate(rest[1:], limit, "zTXt")
+        return None if raw is None else (keyword, raw.decode("latin-1"))
+    if len(rest) < 2:
+        return None
+    compressed, method, rest = rest[0], rest[1], rest[2:]
+    parts = rest.split(b"\0", 2)  # language tag, translated keyword, text
+    if len(parts) < 3:
+        return None
+    raw = parts[2]
+    if compressed:
+        raw = _inflate(raw, limit, "iTXt") if method == 0 else None
+        if raw is None:
+            return None
+    try:
+        return keyword, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from diffcli.errors import UsageError
+from diffcli.validate import Field, Invalid, check_record, field, join
 
 # --------------------------------------------------------------------------------------------------
 # Config and presets
@@ -52,30 +53,61 @@ class ModelConfig:
         h, w = self.grid
         return h * w
 
-    def validate(self) -> "ModelConfig":
-        p = self.patch_size
-        if min(self.image_height, self.image_width) < 1 or self.in_channels not in (1, 3):
-            raise UsageError(f"bad image shape {self.in_channels}x{self.image_height}x{self.image_width}")
+    # Every field's type and range. A model file's config is checked against these before anything is
+    # built from it; the bounds keep what a file can make the loader allocate within reason.
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        field("image_height", int, min=1, max=16384),
+        field("image_width", int, min=1, max=16384),
+        field("in_channels", int, choices=(1, 3)),
+        field("patch_size", int, min=1, max=256),
+        field("hidden_size", int, min=4, max=65536),
+        field("depth", int, min=1, max=1024),
+        field("num_heads", int, min=1, max=65536),
+        field("mlp_ratio", float, gt=0, max=64),
+        field("num_classes", int, min=0, max=1_000_000),
+        field("learn_sigma", bool),
+        field("long_skip", bool),
+    )
+    MAX_TOKENS: ClassVar[int] = 65536  # the patch grid; the fixed positional table is tokens x hidden_size
+
+    def problem(self) -> tuple[str, str] | None:
+        """The first field (and why) that this architecture cannot be built with, or None. The field
+        checks come first, then what the DiT needs of the fields together."""
+        try:
+            check_record(self.to_dict(), self.FIELDS, "")
+        except Invalid as e:
+            return "", str(e)
+        p, D = self.patch_size, self.hidden_size
         if self.image_height % p or self.image_width % p:
-            raise UsageError(
-                f"resolution {self.image_height}x{self.image_width} is not a multiple of the patch size {p}"
-            )
-        if self.hidden_size % self.num_heads or self.hidden_size % 4:
-            raise UsageError(f"hidden size {self.hidden_size} must be divisible by 4 and by the head count")
-        if self.depth < 1 or self.num_classes < 0:
-            raise UsageError("depth must be >= 1 and num_classes >= 0")
+            return "patch_size", f"resolution {self.image_height}x{self.image_width} is not a multiple of the patch size {p}"
+        if D % self.num_heads or D % 4:
+            # heads split the width evenly; the 2-D sin-cos table splits it into four quarters
+            return "hidden_size", f"hidden size {D} must be divisible by 4 and by the head count {self.num_heads}"
+        if int(D * self.mlp_ratio) < 1:
+            return "mlp_ratio", f"the MLP width int({D} * {self.mlp_ratio}) is 0"
+        if self.num_tokens > self.MAX_TOKENS:
+            return "patch_size", (f"resolution {self.image_height}x{self.image_width} in patches of {p} is "
+                                  f"{self.num_tokens} tokens, more than the {self.MAX_TOKENS} diffcli allows")
+        return None
+
+    def validate(self) -> "ModelConfig":
+        """self, or a UsageError saying which setting the model cannot be built with."""
+        bad = self.problem()
+        if bad:
+            raise UsageError(bad[1])
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise UsageError(f"unknown model config fields: {', '.join(sorted(unknown))}")
-        return cls(**d)
+    def from_dict(cls, d: Any, where: str = "model_config") -> "ModelConfig":
+        """The config a JSON object describes, every field checked (Invalid names the first bad one)."""
+        cfg = cls(**check_record(d, cls.FIELDS, where))
+        bad = cfg.problem()
+        if bad:
+            raise Invalid(f"{join(where, bad[0]) if bad[0] else where}: {bad[1]}")
+        return cfg
 
 
 # Architecture presets: (depth, hidden size, heads). The paper's sizes (DiT Table 1) and small ones
@@ -387,6 +419,37 @@ class DiT(nn.Module):
         out = self.final_layer(tokens, c)  # (B, N, p*p*C_out)
         h, w = self.config.grid
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
+
+
+def state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of DiT(cfg).state_dict(), in its order, worked out from the config alone:
+    a model file is checked against these before any module is built (tests/test_model.py holds
+    them equal to a built model's for every kind of block)."""
+    D, p, K = cfg.hidden_size, cfg.patch_size, cfg.num_classes
+    M = int(D * cfg.mlp_ratio)
+    out: dict[str, tuple[int, ...]] = {
+        "x_embedder.weight": (D, cfg.in_channels, p, p), "x_embedder.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.table.weight": (K + 1, D),
+    }
+    n_in = cfg.depth // 2 if cfg.long_skip else 0
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        if cfg.long_skip and i >= cfg.depth - n_in:
+            out |= {b + "skip.weight": (D, 2 * D), b + "skip.bias": (D,)}
+        out |= {
+            b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
+            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+            b + "mlp.0.weight": (M, D), b + "mlp.0.bias": (M,),
+            b + "mlp.2.weight": (D, M), b + "mlp.2.bias": (D,),
+            b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,),
+        }
+    out |= {
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+        "final_layer.linear.weight": (p * p * cfg.out_channels, D), "final_layer.linear.bias": (p * p * cfg.out_channels,),
+    }
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,9 +21,20 @@ from typing import Any
 import torch
 
 from diffcli.errors import UsageError
+from diffcli.validate import Field, Invalid, check_record, field
 
 KINDS = ("linear", "scaled_linear", "cosine", "sigmoid")
 SPACINGS = ("leading", "trailing", "linspace")
+MAX_TIMESTEPS = 100_000
+
+# A schedule stored in a model file: every field's type and range (checked before anything is computed)
+FIELDS: tuple[Field, ...] = (
+    field("kind", str, choices=KINDS),
+    field("num_timesteps", int, min=2, max=MAX_TIMESTEPS),
+    field("beta_start", float, gt=0, lt=1),
+    field("beta_end", float, gt=0, lt=1),
+    field("zero_terminal_snr", bool),
+)
 
 F64 = torch.float64
 
@@ -111,6 +122,8 @@ class NoiseSchedule:
             raise UsageError(f"unknown schedule {kind!r}; choose one of {', '.join(KINDS)}")
         if not isinstance(num_timesteps, int) or num_timesteps < 2:
             raise UsageError(f"the number of timesteps must be an integer >= 2, got {num_timesteps}")
+        if num_timesteps > MAX_TIMESTEPS:
+            raise UsageError(f"the number of timesteps must be at most {MAX_TIMESTEPS}, got {num_timesteps}")
         for name, value in (("beta start", beta_start), ("beta end", beta_end)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
                 raise UsageError(f"{name} must be in (0, 1), got {value}")
@@ -139,6 +152,14 @@ class NoiseSchedule:
         self.snr = ab / (1 - ab)
         self.log_snr = torch.log(ab) - torch.log1p(-ab)
         self.sigmas = ((1 - ab) / ab).sqrt()
+        # every table finite up to the last step, whose alpha_bar only a zero-terminal-SNR schedule sets
+        # to 0 (the ODE samplers rely on it): long schedules with large betas underflow to 0 earlier
+        live = slice(0, T - 1 if zero_terminal_snr else T)
+        finite = torch.isfinite(self.sigmas[live]) & torch.isfinite(self.log_snr[live]) & torch.isfinite(betas[live])
+        if not bool(finite.all()):
+            t = int(finite.logical_not().nonzero()[0])
+            raise UsageError(f"alpha_bar underflows to {float(ab[t]):.3g} at timestep {t} of {T}, where sigma is "
+                             f"infinite; use fewer timesteps or smaller betas")
 
     # -- convenience -------------------------------------------------------------------------------
 
@@ -229,9 +250,11 @@ class NoiseSchedule:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NoiseSchedule":
-        known = {"kind", "num_timesteps", "beta_start", "beta_end", "zero_terminal_snr"}
-        unknown, missing = set(d) - known, known - set(d)
-        if unknown or missing:
-            raise UsageError(f"schedule fields: unknown {sorted(unknown)}, missing {sorted(missing)}")
-        return cls(**d)
+    def from_dict(cls, d: Any, where: str = "schedule") -> "NoiseSchedule":
+        """The schedule a JSON object describes; every field is required and checked (Invalid names
+        the first bad one), so a missing kind never silently becomes the default."""
+        checked = check_record(d, FIELDS, where)
+        try:
+            return cls(**checked)
+        except UsageError as e:
+            raise Invalid(f"{where}: {e}") from None

@@ -221,3 +221,60 @@ def test_no_pickle_or_torch_load_in_diffcli():
     assert len(files) >= 10
     offenders = {str(f.relative_to(package)): uses for f in files if (uses := unpickling_uses(f.read_text()))}
     assert offenders == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# The one validation step: before anything is built, bounded by the file
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_huge_claimed_model_is_refused_from_the_header_alone(tmp_path, model, model_file, monkeypatch):
+    """Sizes in range but far beyond the tensors present: refused by the first tensor that disagrees,
+    before any module is built (DiT is never constructed) and in well under a second."""
+    import time
+
+    import diffcli.checkpoint as ckpt
+
+    cfg = model.config.to_dict() | {"depth": 1024, "hidden_size": 65536, "num_heads": 16}
+    bad = rewrite(model_file, tmp_path / "huge.safetensors", model_config=json.dumps(cfg))
+    monkeypatch.setattr(ckpt, "DiT", lambda cfg: pytest.fail("a model was built"))
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=r"tensor x_embedder.weight has shape \[32, 3, 4, 4\], the config needs \[65536, 3, 4, 4\]"):
+        load_model(bad)
+    with pytest.raises(InputError, match="x_embedder.weight has shape"):
+        read_schedule(bad)
+    assert time.perf_counter() - t0 < 1
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"model_config": {"depth": float("nan")}}, "model_config.depth must be an integer in [1, 1024], found NaN"),
+        ({"weights_dtype": "float32"}, "is float16, the config needs float32"),
+        ({"weights_dtype": "bfloat16"}, 'weights_dtype must be one of "float32", "float16", found "bfloat16"'),
+        ({"class_names": '["a", "b", "a"]'}, "class_names[2] repeats the name"),
+        ({"class_names": '["a", "b\\u001b[2J", "c"]'}, "class_names[1] holds a control character"),
+        ({"sampling": '{"guidance": -1}'}, "sampling.guidance must be a finite number >= 0, found -1"),
+        ({"image_size": "[8, 8]"}, "image_size is [8, 8], the model config has [8, 16]"),
+        ({"prediction": "epsilon", "schedule": json.dumps(NoiseSchedule("linear", 500, zero_terminal_snr=True).to_dict())},
+         "prediction 'epsilon' cannot be sampled with schedule.zero_terminal_snr"),
+    ],
+)
+def test_metadata_fields_are_named_with_what_was_found(tmp_path, model, changes, words):
+    half = tmp_path / "half.safetensors"
+    save_model(half, model, SCHEDULE, "v", CLASSES, dtype=torch.float16)
+    if isinstance(changes.get("model_config"), dict):  # fields changed in the model's own config (NaN as JSON writes it)
+        changes = {**changes, "model_config": json.dumps(model.config.to_dict() | changes["model_config"])}
+    bad = rewrite(half, tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(InputError) as info:
+        load_model(bad)
+    assert words in str(info.value) and str(bad) in str(info.value)
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path, model_file):
+    meta, tensors = header_and_tensors(model_file)
+    tensors["blocks.1.mlp.2.weight"][3, 5] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors", metadata=meta)
+    with pytest.raises(InputError, match="tensor blocks.1.mlp.2.weight holds NaN or infinite values"):
+        load_model(tmp_path / "nan.safetensors")
+    assert read_schedule(tmp_path / "nan.safetensors") == SCHEDULE  # the schedule alone needs no weights

@@ -416,3 +416,39 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     s = load_folder(root, (8, 8), cache_path=cache)
     assert s.pixels[0, :, 0, 0].tolist() == [10, 20, 30]
     assert load_folder(root, (8, 8), cache_path=cache).pixels[0, :, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_a_cache_that_fails_its_checks_is_rebuilt_with_a_log_line(tmp_path):
+    """The cache matches the folder (same key) but its pixels were edited, or a label: both are found
+    (a SHA-256 of the data, every label against the class folders), logged and rebuilt from the images."""
+    from safetensors import safe_open
+    from safetensors.torch import load, save as save_tensors
+
+    root = tmp_path / "imgs"
+    save(root / "a" / "1.png", solid((10, 20, 30)))
+    save(root / "b" / "1.png", solid((200, 100, 0)))
+    cache = tmp_path / "cache.safetensors"
+    load_folder(root, (8, 8), cache_path=cache)
+    with safe_open(cache, "pt") as f:
+        meta = f.metadata()
+    tensors = load(cache.read_bytes())
+    edited = {"pixels": tensors["pixels"].clone(), "labels": tensors["labels"].clone()}
+    edited["pixels"][0, 0, 0, 0] += 1
+    swapped = {"pixels": tensors["pixels"], "labels": tensors["labels"].flip(0)}
+    for what, content in [("pixels", save_tensors(edited, metadata=meta)), ("labels", save_tensors(swapped, metadata=meta))]:
+        cache.write_bytes(content)
+        logs: list[str] = []
+        s = load_folder(root, (8, 8), cache_path=cache, log=logs.append)
+        assert s.pixels[:, :, 0, 0].tolist() == [[10, 20, 30], [200, 100, 0]] and s.labels.tolist() == [0, 1], what
+        assert len(logs) == 1 and logs[0].startswith(f"data cache {cache} is invalid (") and logs[0].endswith("), rebuilding")
+        assert load_folder(root, (8, 8), cache_path=cache, log=logs.append).labels.tolist() == [0, 1]
+        assert len(logs) == 1  # the rebuilt cache is used without complaint
+
+
+def test_class_folders_with_control_characters_are_refused(tmp_path):
+    """Class names travel into model files, file names and the terminal; a model file refuses them, so
+    training refuses them first."""
+    save(tmp_path / "ok" / "1.png", solid((1, 2, 3)))
+    save(tmp_path / "bad\x1b[2J" / "1.png", solid((1, 2, 3)))
+    with pytest.raises(InputError, match="holds a control character"):
+        find_images(tmp_path)

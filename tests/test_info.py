@@ -347,8 +347,8 @@ def _with_metadata(tmp_path: Path, **changes: str | None) -> Path:
     ({"image_size": "[9, 9]"}, "disagree with its model_config"),
     ({"model_config": json.dumps({**CFG, "hidden_size": 16})}, "blocks.0.adaLN_modulation.1.bias has shape [48]"),
     ({"model_config": json.dumps({**CFG, "depth": 2})}, "tensors do not match the model config (missing"),
-    ({"model_config": json.dumps({**CFG, "depth": 1 << 40})}, "tensors do not match the model config (depth"),
-    ({"model_config": json.dumps({**CFG, "hidden_size": 1 << 40, "num_heads": 1})}, "tensors do not match"),
+    ({"model_config": json.dumps({**CFG, "depth": 1 << 40})}, "depth must be an integer in [1, 1024]"),
+    ({"model_config": json.dumps({**CFG, "hidden_size": 1 << 40, "num_heads": 1})}, "hidden_size must be an integer"),
     ({"format_version": "99"}, "newer than this diffcli's"),
     ({"format_version": "one"}, "malformed format_version"),
 ])
@@ -360,13 +360,16 @@ def test_bad_metadata_exit_4(tmp_path, changes, words):
     assert words in line and str(path) in line, line
 
 
-def test_a_huge_claimed_resolution_is_reported_not_allocated(tmp_path):
-    """No stored tensor depends on the image size, so the claim is only shown (a 2**40 x 2**40
-    positional table, were it built, would not fit any memory)."""
+def test_a_huge_claimed_resolution_is_refused_as_sample_refuses_it(tmp_path):
+    """A 2**40 x 2**40 image claim: the same field check as `sample` refuses it, before anything
+    sized by it (a positional table of that size would not fit any memory) is built."""
     side = 1 << 40
     path = _with_metadata(tmp_path, model_config=json.dumps({**CFG, "image_height": side, "image_width": side}),
                           image_size=json.dumps([side, side]))
-    assert info_json(path)["image_size"] == [side, side]
+    for command in (["info", path], ["sample", "-c", path, "-o", tmp_path / "out"]):
+        result = diffcli(*command)
+        assert result.exit_code == 4, result.output
+        assert "image_height" in assert_one_error_line(result)
 
 
 def test_a_huge_claimed_header_is_not_allocated(tmp_path):

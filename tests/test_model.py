@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffcli.errors import UsageError
-from diffcli.model import PRESETS, DiT, ModelConfig, patchify, preset_config, unpatchify
+from diffcli.model import PRESETS, DiT, ModelConfig, patchify, preset_config, state_dict_shapes, unpatchify
+from diffcli.validate import Invalid
 
 
 def timesteps_labels(B: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +167,42 @@ def test_from_dict_rejects_unknown_fields():
 def test_invalid_configs_raise_usage_error(make_config, overrides):
     with pytest.raises(UsageError):
         DiT(make_config(**overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_classes": 3, "learn_sigma": True}, {"long_skip": True, "depth": 5}, {"long_skip": True, "depth": 1},
+     {"in_channels": 1, "patch_size": 1, "image_width": 4, "mlp_ratio": 2.5}],
+    ids=["plain", "classes-sigma", "skips-odd-depth", "skips-depth-1", "gray-patch-1-mlp-2.5"],
+)
+def test_state_dict_shapes_are_those_of_the_built_model(make_config, overrides):
+    """Model files are checked against state_dict_shapes, computed without building the model."""
+    cfg = make_config(**overrides)
+    with torch.device("meta"):
+        built = {k: tuple(v.shape) for k, v in DiT(cfg).state_dict().items()}
+    assert list(state_dict_shapes(cfg).items()) == list(built.items())
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"depth": 10**6}, "model_config.depth must be an integer in [1, 1024], found 1000000"),
+        ({"depth": True}, "model_config.depth must be an integer in [1, 1024], found true"),
+        ({"depth": 2.0}, "model_config.depth must be an integer in [1, 1024], found 2.0"),
+        ({"mlp_ratio": float("nan")}, "model_config.mlp_ratio must be a finite number in (0, 64], found NaN"),
+        ({"in_channels": 2}, "model_config.in_channels must be one of 1, 3, found 2"),
+        ({"long_skip": 1}, "model_config.long_skip must be true or false, found 1"),
+        ({"hidden_size": 30}, "model_config.hidden_size: hidden size 30 must be divisible by 4"),
+        ({"image_height": 10}, "model_config.patch_size: resolution 10x8 is not a multiple of the patch size 4"),
+        ({"image_height": 16384, "image_width": 16384}, "is 16777216 tokens, more than the 65536"),
+        ({"dropout": 0.1}, "model_config.dropout is not a known field"),
+    ],
+)
+def test_from_dict_checks_every_field(make_config, change, words):
+    d = json.loads(json.dumps(make_config().to_dict())) | change
+    with pytest.raises(Invalid) as info:
+        ModelConfig.from_dict(d)
+    assert words in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------

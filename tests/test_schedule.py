@@ -222,14 +222,40 @@ def test_dict_round_trip(kwargs):
 
 
 def test_from_dict_rejects_unknown_fields():
-    with pytest.raises(UsageError, match="unknown \\['colour'\\]"):
+    with pytest.raises(UsageError, match="schedule.colour is not a known field"):
         NoiseSchedule.from_dict({**NoiseSchedule().to_dict(), "colour": "blue"})
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"num_timesteps": 10**9}, "schedule.num_timesteps must be an integer in [2, 100000], found 1000000000"),
+        ({"num_timesteps": True}, "schedule.num_timesteps must be an integer"),
+        ({"beta_end": float("inf")}, "schedule.beta_end must be a finite number in (0, 1), found Infinity"),
+        ({"kind": "quadratic"}, 'schedule.kind must be one of "linear", "scaled_linear", "cosine", "sigmoid"'),
+        ({"zero_terminal_snr": "yes"}, "schedule.zero_terminal_snr must be true or false"),
+        ({"num_timesteps": 100_000}, "alpha_bar underflows"),
+    ],
+)
+def test_from_dict_checks_every_field(change, words):
+    with pytest.raises(UsageError) as info:
+        NoiseSchedule.from_dict({**NoiseSchedule().to_dict(), **change})
+    assert words in str(info.value)
+
+
+def test_a_schedule_whose_alpha_bar_underflows_is_refused():
+    """Long schedules with large betas reach alpha_bar = 0 (sigma infinite) before the last step, which
+    the samplers cannot use; only zero terminal SNR may set the last one to 0."""
+    with pytest.raises(UsageError, match="alpha_bar underflows to .* at timestep 917 of 1000"):
+        NoiseSchedule("linear", 1000, 1e-4, 0.999)
+    assert NoiseSchedule("cosine", 100_000).alphas_cumprod[-1] > 0
+    assert NoiseSchedule("linear", 1000, zero_terminal_snr=True).alphas_cumprod[-1] == 0
 
 
 def test_from_dict_rejects_missing_fields():
     d = NoiseSchedule("cosine").to_dict()
     del d["kind"]  # must not silently become the default 'linear'
-    with pytest.raises(UsageError, match="missing \\['kind'\\]"):
+    with pytest.raises(UsageError, match="schedule.kind is missing"):
         NoiseSchedule.from_dict(d)
 
 

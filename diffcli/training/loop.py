@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from diffcli import __version__, atomic
+from diffcli import __version__, atomic, checkpoint
 from diffcli.data import ImageSet, load_folder, parse_resolution
 from diffcli.device import resolve_precision
 from diffcli.errors import DiffcliError, Interrupted, UsageError
@@ -117,7 +117,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
 def _load_data(cfg: TrainConfig, run: RunDir, d: Dist, H: int, W: int, log: Callable[[str], None],
                decode_progress: Callable[[int, int], None] | None) -> ImageSet:
     data = load_folder(cfg.data_dir, (H, W), cfg.channels, cfg.crop, cfg.unconditional, cfg.num_workers,
-                       decode_progress, cache_path=run.cache if d.main else None)
+                       decode_progress, cache_path=run.cache if d.main else None, log=log)
     if data.skipped:
         names = ", ".join(Path(f).name for f, _ in data.skipped[:5])
         log(f"warning: skipped {len(data.skipped)} unreadable file(s): {names}{' ...' if len(data.skipped) > 5 else ''}")
@@ -161,6 +161,7 @@ class Learner:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                 **({"fused": True} if use_cuda else {}))
         if resumed.tensors:
+            checkpoint.check_state_fits(resumed.meta, mcfg, resumed.path)  # e.g. a class added to the folder since
             load_state_tensors(resumed.tensors, model, ema, opt)
         schedule = NoiseSchedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.zero_terminal_snr)
         dtype = resolve_precision(cfg.precision, device)

@@ -142,7 +142,7 @@ def resume_point(cfg: TrainConfig, run: RunDir) -> Resumed:
     path = resolve_resume(cfg, run)
     if path is None:
         return Resumed()
-    tensors, meta, _ = checkpoint.read(path, checkpoint.STATE_FORMAT, "training checkpoint")
+    tensors, meta = checkpoint.read_state(path)  # every field and tensor checked
     saved = checkpoint.meta_json(meta, "train_config", path)
     if not isinstance(saved, dict):
         raise InputError(f"{path} has malformed 'train_config' metadata")
