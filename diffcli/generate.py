@@ -144,42 +144,42 @@ def grid_layout(classes: list[int | None], num_classes: int) -> tuple[list[int |
 # Reproduce from a PNG
 # --------------------------------------------------------------------------------------------------
 
-# what `sample` records in each PNG ('diffcli' text chunk) and --from-png reads back: field -> check
-_RECORDED: dict[str, Callable[[Any], bool]] = {
-    "seed": lambda v: type(v) is int and 0 <= v < 2**63 - 2**32,
-    "steps": lambda v: type(v) is int and 1 <= v <= 100_000,
-    "sampler": lambda v: v in SAMPLERS + ode.SAMPLERS,
-    "guidance": lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0,
-    "class": lambda v: v is None or (isinstance(v, str) and len(v) <= 1000),
-    "spacing": lambda v: v in ("trailing", "leading", "linspace"),
-    "sigmas": lambda v: v in ode.SIGMA_SCHEDULES,
-    "eta": lambda v: type(v) in (int, float) and 0 <= v <= 1,
-    "clip": lambda v: type(v) is bool,
-    "precision": lambda v: v in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"),
-    "model_hash": lambda v: isinstance(v, str) and len(v) <= 64 and all(c in "0123456789abcdef" for c in v),
-}
-_REQUIRED = ("seed", "steps", "sampler", "guidance", "model_hash")
-_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch dtype -> --precision name
+
+
+def _recorded_fields() -> tuple:
+    """What `sample` records in each PNG ('diffcli' text chunk) and --from-png reads back, as typed
+    specs (diffcli.validate); other recorded fields (width, nfe, version, ...) are not needed to redo it."""
+    from diffcli.validate import field
+
+    return (
+        field("seed", int, min=0, max=2**63 - 2**32 - 1),
+        field("steps", int, min=1, max=100_000),
+        field("sampler", str, choices=SAMPLERS + ode.SAMPLERS),
+        field("guidance", float, min=0),
+        field("model_hash", str, max_len=64),
+        field("class", str, max_len=255, default=None),
+        field("sigmas", str, choices=ode.SIGMA_SCHEDULES, default=None),
+        field("spacing", str, choices=("trailing", "leading", "linspace"), default=None),
+        field("eta", float, min=0, max=1, default=None),
+        field("clip", bool, default=None),
+        field("precision", str, choices=("fp32", "bf16", "fp16"), default=None),
+    )
 
 
 def recorded_parameters(path: str | Path) -> dict[str, Any]:
     """The generation parameters diffcli embedded in a PNG, checked field by field (InputError, exit 4,
-    naming what is missing or wrong). Fields a version of diffcli did not record are absent."""
-    import json
-
-    from PIL import Image, UnidentifiedImageError
+    naming what is missing or wrong); fields a version of diffcli did not record are None."""
+    from diffcli.images import read_png_text
+    from diffcli.validate import Invalid, check_record, parse_json
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--from-png: no such file: {path}")
     try:
-        with Image.open(path) as im:
-            if im.format != "PNG":
-                raise InputError(f"--from-png: {path} is a {im.format} image, not a PNG made by diffcli")
-            im.load()  # reads every chunk: a truncated file fails here
-            text = dict(getattr(im, "text", {}) or {})
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"--from-png: {path} is not a readable PNG ({type(e).__name__})") from None
+        text = read_png_text(path)  # chunks walked with bounds, pixels never decoded
+    except InputError as e:
+        raise InputError(f"--from-png: {e}") from None
     raw = text.get("diffcli")
     if raw is None:
         if "parameters" in text:
@@ -188,40 +188,31 @@ def recorded_parameters(path: str | Path) -> dict[str, Any]:
         raise InputError(f"--from-png: {path} has no diffcli generation parameters (written with --no-metadata, "
                          "or not made by diffcli sample)")
     try:
-        record = json.loads(raw)
-    except ValueError:
-        raise InputError(f"--from-png: {path} has a malformed diffcli record (not JSON)") from None
-    if not isinstance(record, dict):
-        raise InputError(f"--from-png: {path} has a malformed diffcli record (not a JSON object)")
-    if record.get("grid"):
-        raise InputError(f"--from-png: {path} is a grid; reproduce one of its images (seed + index) instead")
-    for key in _REQUIRED:
-        if key not in record:
-            raise InputError(f"--from-png: {path} does not record '{key}'")
-    for key, ok in _RECORDED.items():
-        if key in record and not ok(record[key]):
-            raise InputError(f"--from-png: {path} records an invalid {key}: {str(record[key])[:80]!r}")
-    return {k: record[k] for k in _RECORDED if k in record}
+        record = parse_json(raw, "its diffcli record")
+        if isinstance(record, dict) and record.get("grid") is True:
+            raise InputError(f"--from-png: {path} is a grid; reproduce one of its images (seed + index) instead")
+        rec = check_record(record, _recorded_fields(), "diffcli", extra=True)
+    except Invalid as e:
+        raise InputError(f"--from-png: {path}: {e}") from None
+    if not all(c in "0123456789abcdef" for c in rec["model_hash"]):
+        raise InputError(f"--from-png: {path}: diffcli.model_hash must be hexadecimal, found {rec['model_hash'][:80]!r}")
+    return rec
 
 
 def apply_recorded(opts: SampleOptions, rec: dict[str, Any], given: set[str], png: str) -> SampleOptions:
     """Fill the options the user did not give (`given`: SampleOptions field names) from a PNG's record.
-    What decides the pixels (sigmas, spacing, clip, precision) is taken as recorded, so the image comes
-    out bit-exact on the same device."""
+    What decides the pixels (sigmas or spacing, eta, clip, precision) is taken as recorded, so the
+    image comes out bit-exact on the same device."""
     values: dict[str, Any] = {
-        "seed": rec["seed"], "steps": rec["steps"], "sampler": rec["sampler"], "guidance": float(rec["guidance"]),
-        "sigmas": rec.get("sigmas", "none"), "num_images": 1,
+        "seed": rec["seed"], "steps": rec["steps"], "sampler": rec["sampler"], "guidance": rec["guidance"],
+        "sigmas": rec["sigmas"] or "none", "num_images": 1,
     }
-    if rec.get("class") is not None:
+    if rec["class"] is not None:
         values["classes"] = [rec["class"]]
-    if "sigmas" not in rec:
-        values["spacing"] = rec.get("spacing", ode.DEFAULT_SPACING)
-    if "eta" in rec:
-        values["eta"] = float(rec["eta"])
-    if "clip" in rec:
-        values["clip_x0"] = rec["clip"]
-    if "precision" in rec:
-        values["precision"] = _PRECISION.get(rec["precision"], rec["precision"])
+    if rec["sigmas"] is None:
+        values["spacing"] = rec["spacing"] or ode.DEFAULT_SPACING
+    optional = {"eta": rec["eta"], "clip_x0": rec["clip"], "precision": rec["precision"]}
+    values.update({k: v for k, v in optional.items() if v is not None})
     for k, v in values.items():
         if k not in given:
             setattr(opts, k, v)

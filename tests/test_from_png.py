@@ -3,7 +3,6 @@ every PNG that does not record one with one line and exit 4, writing nothing."""
 
 import io
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -114,21 +113,21 @@ GOOD = {"seed": 1, "steps": 4, "sampler": "ddim", "guidance": 1.0, "model_hash":
     (lambda: png_with({}), "no diffcli generation parameters"),
     (lambda: png_with({"parameters": "a cat, Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Model hash: abc"}),
      "another tool's generation text"),
-    (lambda: png_with({"diffcli": "{not json"}), "malformed diffcli record"),
-    (lambda: png_with({"diffcli": "[1, 2]"}), "not a JSON object"),
+    (lambda: png_with({"diffcli": "{not json"}), "its diffcli record is not valid JSON"),
+    (lambda: png_with({"diffcli": "[1, 2]"}), "diffcli must be an object"),
     (lambda: png_with({"diffcli": json.dumps({"grid": True, "seed": 0})}), "is a grid"),
-    (lambda: png_with({"diffcli": json.dumps({k: v for k, v in GOOD.items() if k != "seed"})}), "does not record 'seed'"),
-    (lambda: png_with({"diffcli": json.dumps({**GOOD, "steps": 0})}), "invalid steps"),
-    (lambda: png_with({"diffcli": json.dumps({**GOOD, "steps": True})}), "invalid steps"),
-    (lambda: png_with({"diffcli": json.dumps({**GOOD, "seed": -1})}), "invalid seed"),
-    (lambda: png_with({"diffcli": json.dumps({**GOOD, "sampler": "plms"})}), "invalid sampler"),
-    (lambda: png_with({"diffcli": json.dumps({**GOOD, "guidance": float("nan")})}), "invalid guidance"),
-    (lambda: png_with({"diffcli": json.dumps({**GOOD, "guidance": "2"})}), "invalid guidance"),
-    (lambda: png_with({"diffcli": json.dumps({**GOOD, "model_hash": "../../x"})}), "invalid model_hash"),
-    (lambda: png_with({"diffcli": json.dumps({**GOOD, "sigmas": "exponential"})}), "invalid sigmas"),
-    (lambda: png_with({"diffcli": json.dumps(GOOD)})[:60], "not a readable PNG"),  # truncated
-    (lambda: b"\x89PNG\r\n\x1a\n" + os.urandom(200), "not a readable PNG"),
-    (lambda: b"GIF89a" + bytes(30), "not a readable PNG"),
+    (lambda: png_with({"diffcli": json.dumps({k: v for k, v in GOOD.items() if k != "seed"})}), "diffcli.seed is missing"),
+    (lambda: png_with({"diffcli": json.dumps({**GOOD, "steps": 0})}), "diffcli.steps must be an integer in [1, 100000], found 0"),
+    (lambda: png_with({"diffcli": json.dumps({**GOOD, "steps": True})}), "diffcli.steps must be an integer"),
+    (lambda: png_with({"diffcli": json.dumps({**GOOD, "seed": -1})}), "diffcli.seed must be an integer"),
+    (lambda: png_with({"diffcli": json.dumps({**GOOD, "sampler": "plms"})}), "diffcli.sampler must be one of"),
+    (lambda: png_with({"diffcli": json.dumps({**GOOD, "guidance": float("nan")})}), "diffcli.guidance must be a finite number >= 0, found NaN"),
+    (lambda: png_with({"diffcli": json.dumps({**GOOD, "guidance": "2"})}), "diffcli.guidance must be a finite number"),
+    (lambda: png_with({"diffcli": json.dumps({**GOOD, "model_hash": "../../x"})}), "model_hash must be hexadecimal"),
+    (lambda: png_with({"diffcli": json.dumps({**GOOD, "sigmas": "exponential"})}), "diffcli.sigmas must be one of"),
+    (lambda: png_with({"diffcli": json.dumps(GOOD)})[:60], "is truncated"),
+    (lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(200)), "is truncated"),  # the first chunk claims 66,051 bytes
+    (lambda: b"GIF89a" + bytes(30), "is not a PNG file"),
 ])
 def test_png_without_a_usable_record_exits_4_writing_nothing(tmp_path, models, make, message):
     png = tmp_path / "in.png"
