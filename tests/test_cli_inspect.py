@@ -366,3 +366,13 @@ def test_inspected_steps_are_the_timesteps_sample_gives_the_model(tmp_path, monk
     assert visited == pytest.approx(sampling["timesteps"], rel=1e-6, abs=1e-6)  # float32 as the model sees it
     if sampling["sampler"] != "heun":
         assert len(visited) == len(calls)  # one evaluation per step, each at a new level
+
+
+def test_a_piped_table_is_never_cut():
+    """CliRunner's stdout is not a terminal: the 7-column table keeps every digit (at rich's default
+    80 columns for a pipe it was cut to '2.4288e-…')."""
+    for args in (("--steps", "15"), ("--compare", "linear,cosine,scaled_linear,sigmoid", "--rows", "3")):
+        result = inspect(*args)
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.stdout
+        assert "2.4288e-09" in result.stdout  # cosine's alpha_bar at t=999
