@@ -6,7 +6,7 @@ A model file holds the EMA weights of the plain module plus everything needed to
     prediction        "epsilon" | "v"            image_size      [H, W]      channels  C
     class_names       ["0", "1", ...] (index -> name; [] for an unconditional model)
     training          summary (steps, images seen, dataset size, ...)
-    sampling          defaults for sampling (guidance, ...)
+    sampling          defaults for sampling (guidance, tuned settings, ...)
     weights_dtype     "float32" | "float16"      diffcli_version
 Training state ("diffcli.state") holds model, EMA and optimizer moments as tensors, with the training
 options, step and model config in the metadata (resuming needs no RNG state: see train.py).
@@ -175,16 +175,32 @@ class _Truncated(Invalid):
     pass
 
 
-def read_header(path: str | Path, fmt: str, what: str = "model file", whole: bool = True) -> tuple[Header, bytes | None]:
+def _other_format(head: bytes) -> str | None:
+    """What a file that is not safetensors holds, told from its first bytes, so that the usual
+    mistake (a PyTorch .pt/.ckpt file) is named. Only the bytes are compared: nothing is decoded."""
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (such as a PyTorch .pt/.ckpt file)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "serialised Python objects (such as a PyTorch .pt/.ckpt file)"
+    return None
+
+
+def read_header(path: str | Path, fmt: str | tuple[str, ...], what: str = "model file",
+                whole: bool = True) -> tuple[Header, bytes | None]:
     """Open a diffcli safetensors file and check its header: (header, the file's bytes or None when
-    whole=False, which reads the header alone). InputError if it is missing, not safetensors,
-    truncated, foreign, from a newer format version, or its tensor entries are inconsistent."""
+    whole=False, which reads the 8-byte length field and the header alone, however large the file).
+    fmt is the format the file must have, or a tuple of those accepted (`diffcli info` reads both
+    model files and training state). InputError if it is missing, not safetensors (a PyTorch
+    .pt/.ckpt file is named as one), truncated, foreign, from a newer format version, or its tensor
+    entries are inconsistent."""
     path = Path(path)
+    formats = (fmt,) if isinstance(fmt, str) else fmt
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
     if not path.is_file():
         raise InputError(f"{what} is not a file: {path}")
     bad = f"{path} is not a diffcli {what} (not a valid safetensors file)"
+    other = f"{path} holds {{}}, not safetensors; diffcli reads only safetensors"
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -193,17 +209,21 @@ def read_header(path: str | Path, fmt: str, what: str = "model file", whole: boo
                 raise InputError(bad)
             (n,) = struct.unpack("<Q", data[:8])
             if n > min(size - 8, _MAX_HEADER):
-                raise InputError(f"{path} is truncated or not a safetensors file")
+                found = _other_format(data[:8])
+                raise InputError(other.format(found) if found else f"{path} is truncated or not a safetensors file")
             head = data[8 : 8 + n] if whole else f.read(n)
     except OSError as e:
         raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from e
     if whole:
         size = len(data)
+    if len(head) != n:  # the file shrank after its size was taken
+        raise InputError(f"{path} is truncated (it changed while being read)")
     try:
         meta, entries = _parse_header_json(head)
     except Invalid as e:
-        raise InputError(f"{bad[:-1]}: {e})") from None
-    if meta.get("format") != fmt:
+        found = _other_format(data[:8])
+        raise InputError(other.format(found) if found else f"{bad[:-1]}: {e})") from None
+    if meta.get("format") not in formats:
         found = meta.get("format")
         kind = f"a {_name(found)!r} file" if found else "a safetensors file without diffcli metadata"
         raise InputError(f"{path} is {kind}, not a diffcli {what}")
@@ -335,7 +355,30 @@ def save_model(
 
 # The optional metadata of a model file, each checked when present
 _SAMPLING = (spec("guidance", float, min=0, default=1.0),)
+_MAX_TUNED = 64
 _WEIGHT_DTYPES = {"float32": "F32", "float16": "F16"}
+_PREDICTION = spec("prediction", str, choices=("epsilon", "v"))
+_VERSION = spec("diffcli_version", str, max_len=64)
+
+
+def _check_sampling(value: Any) -> dict[str, Any]:
+    """The `sampling` metadata: scalars (guidance >= 0), plus optional `tuned` settings (an object of
+    scalars or a list of at most _MAX_TUNED such objects), which `diffcli info` shows as stored."""
+    if not isinstance(value, dict):
+        raise Invalid(f"sampling must be an object, found {describe(value)}")
+    check_scalars({k: v for k, v in value.items() if k != "tuned"}, "sampling")
+    check_record(value, _SAMPLING, "sampling", extra=True)
+    tuned = value.get("tuned", {})
+    if isinstance(tuned, list):
+        if len(tuned) > _MAX_TUNED:
+            raise Invalid(f"sampling.tuned has {len(tuned)} entries, at most {_MAX_TUNED} are allowed")
+        for i, entry in enumerate(tuned):
+            check_scalars(entry, f"sampling.tuned[{i}]")
+    elif isinstance(tuned, dict):
+        check_scalars(tuned, "sampling.tuned")
+    else:
+        raise Invalid(f"sampling.tuned must be an object or a list of objects, found {describe(tuned)}")
+    return value
 
 
 @dataclass
@@ -361,7 +404,7 @@ def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
         schedule = NoiseSchedule.from_dict(schedule_json)
         if "prediction" not in meta:
             raise Invalid("prediction is missing")
-        prediction = spec("prediction", str, choices=("epsilon", "v")).check(meta["prediction"])
+        prediction = _PREDICTION.check(meta["prediction"])
         if prediction == "epsilon" and schedule.spec.zero_terminal_snr:
             raise Invalid("prediction 'epsilon' cannot be sampled with schedule.zero_terminal_snr (alpha_bar reaches 0)")
         names = check_names(load("class_names", []), "class_names", count=cfg.num_classes)
@@ -373,11 +416,10 @@ def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
         weights = meta.get("weights_dtype")
         if weights is not None:
             spec("weights_dtype", str, choices=tuple(_WEIGHT_DTYPES)).check(weights)
-        sampling = check_scalars(load("sampling", {}), "sampling")
-        check_record(sampling, _SAMPLING, "sampling", extra=True)
+        sampling = _check_sampling(load("sampling", {}))
         training = check_scalars(load("training", {}), "training")
         if "diffcli_version" in meta:
-            spec("diffcli_version", str, max_len=64).check(meta["diffcli_version"])
+            _VERSION.check(meta["diffcli_version"])
     except Invalid as e:
         raise InputError(f"{path} has invalid model metadata: {e}") from None
     return ModelSpec(cfg, schedule, prediction, names, training, sampling,
@@ -446,16 +488,32 @@ def _state_expected(cfg: ModelConfig, with_optimizer: bool) -> Expected:
     return out
 
 
-def _state_meta(meta: dict[str, str], path: str | Path) -> ModelConfig:
+@dataclass
+class StateSpec:
+    """What a training-state file's metadata says, every field checked."""
+
+    config: ModelConfig
+    schedule: NoiseSchedule
+    prediction: str  # train_config.prediction
+    class_names: list[str]
+    train_config: dict[str, Any]  # the training options, scalars
+    step: int
+    seconds: float
+
+
+def _state_meta(meta: dict[str, str], path: str | Path) -> StateSpec:
     def load(key: str, default: Any = ...) -> Any:
         return meta_json(meta, key, path, default)
 
     cfg_json, schedule_json, train_json = load("model_config"), load("schedule"), load("train_config")
     try:
         cfg = ModelConfig.from_dict(cfg_json)
-        NoiseSchedule.from_dict(schedule_json)
-        check_scalars(train_json, "train_config")
-        check_names(load("class_names", []), "class_names", count=cfg.num_classes)
+        schedule = NoiseSchedule.from_dict(schedule_json)
+        train = check_scalars(train_json, "train_config")
+        if "prediction" not in train:
+            raise Invalid("train_config.prediction is missing")
+        prediction = _PREDICTION.check(train["prediction"], "train_config")
+        names = check_names(load("class_names", []), "class_names", count=cfg.num_classes)
         step = meta.get("step", "0")
         if not (step.isascii() and step.isdigit() and len(step) <= 13 and int(step) <= _MAX_STEP):
             raise Invalid(f"step must be an integer in [0, {_MAX_STEP}], found {describe(step)}")
@@ -466,9 +524,23 @@ def _state_meta(meta: dict[str, str], path: str | Path) -> ModelConfig:
             ok = False
         if not ok:
             raise Invalid(f"seconds must be a finite number >= 0, found {describe(seconds)}")
+        if "diffcli_version" in meta:
+            _VERSION.check(meta["diffcli_version"])
     except Invalid as e:
         raise InputError(f"{path} has invalid training-state metadata: {e}") from None
-    return cfg
+    return StateSpec(cfg, schedule, prediction, names, train, int(step), float(seconds))
+
+
+def validate_state_file(header: Header, path: str | Path) -> StateSpec:
+    """The one check of a training-state file's header, as validate_model_file is for model files:
+    every metadata field, then the tensors its model config needs (model, EMA and, after the first
+    step, the optimizer moments) against those the header lists. The tensor data is not needed."""
+    st = _state_meta(header.meta, path)
+    with_opt = any(k.startswith("opt.") for k in header.tensors)
+    problem = tensor_problem(header.tensors, _state_expected(st.config, with_opt))
+    if problem:
+        raise InputError(f"{path}: tensors do not match the model config ({problem})")
+    return st
 
 
 def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -477,11 +549,7 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     (finite; second moments and step counters >= 0). InputError names the first disagreement."""
     header, data = read_header(path, STATE_FORMAT, "training checkpoint")
     assert data is not None
-    cfg = _state_meta(header.meta, path)
-    with_opt = any(k.startswith("opt.") for k in header.tensors)
-    problem = tensor_problem(header.tensors, _state_expected(cfg, with_opt))
-    if problem:
-        raise InputError(f"{path}: tensors do not match the model config ({problem})")
+    validate_state_file(header, path)
     tensors = load_tensors(data, path)
     check_finite(tensors, path, nonnegative=("opt.exp_avg_sq.", "opt.step."))
     return tensors, header.meta

@@ -14,6 +14,7 @@ DIFFCLI_FUZZ=5000 random mutants per reader and prints how many each test tried.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -36,6 +37,7 @@ from diffcli.cli import main
 from diffcli.data import load_folder
 from diffcli.errors import InputError
 from diffcli.images import generation_text, read_png_text
+from diffcli.info import describe
 from diffcli.model import ModelConfig
 from diffcli.schedule import NoiseSchedule
 
@@ -64,7 +66,7 @@ def _no_debug(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Model files: load_model (sample) and read_schedule (inspect-schedule --checkpoint)
+# Model files: load_model (sample), read_schedule (inspect-schedule --checkpoint) and describe (info)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -105,14 +107,33 @@ def test_model_file_mutants(tmp_path, model_files, dtype):
         path.write_bytes(m.data)
         loaded = run_mutant(m, lambda: load_model(path))
         schedule = run_mutant(m, lambda: read_schedule(path))
+        described = run_mutant(m, lambda: describe(path))
+        # info and inspect-schedule read the header alone, with sample's checks and messages: they
+        # refuse what it refuses, except a file refused for its tensor data alone (NaN weights, say)
+        # and one made a training checkpoint (`info` reads those too, and refuses it as one)
+        as_state = loaded.error is not None and "is a 'diffcli.state' file" in str(loaded.error)
+        if described.error is not None:
+            assert loaded.error is not None, (m.what, str(described.error))
+            assert as_state or str(described.error) == str(loaded.error) == str(schedule.error), m.what
+        else:
+            d = described.result
+            assert d.kind == "model" and schedule.error is None, m.what
+            assert d.schedule == schedule.result.to_dict() and d.sha256 == hashlib.sha256(m.data).hexdigest(), m.what
+            assert loaded.error is None or re.search(r"holds NaN or infinite values|is truncated or corrupt",
+                                                     str(loaded.error)), (m.what, str(loaded.error))
         if loaded.error is not None:
             tally["refused"] += 1
             continue
         tally["loaded"] += 1
         mf = loaded.result
-        # a correct result: the schedule reads the same both ways, the model runs, and where the
-        # weights are the valid file's, it computes exactly what the valid file's model computes
+        # a correct result: the schedule reads the same all three ways, info describes the model
+        # loaded, the model runs, and where the weights are the valid file's, it computes exactly
+        # what the valid file's model computes
         assert schedule.error is None and schedule.result == mf.schedule, m.what
+        assert d.model_config == mf.config.to_dict() and d.prediction == mf.prediction, m.what
+        assert (d.classes, d.training, d.sha256) == (mf.class_names, mf.training, mf.sha256), m.what
+        assert d.parameters == sum(p.numel() for p in mf.model.parameters()), m.what
+        assert d.sampling_defaults["guidance"] == mf.sampling.get("guidance", 1.0), m.what
         out = probe(mf.model)
         assert out.shape == (2, 6, 8, 8), m.what
         if not m.data_changed:
@@ -145,7 +166,8 @@ def one_error_line(err: str) -> str:
 
 
 def test_model_file_mutants_through_the_cli(tmp_path, model_files, monkeypatch, capsys):
-    """Through main(), as `diffcli sample -c MUTANT` and `diffcli inspect-schedule --checkpoint MUTANT`."""
+    """Through main(), as `diffcli sample -c MUTANT`, `diffcli inspect-schedule --checkpoint MUTANT` and
+    `diffcli info MUTANT`."""
     mutants = refused_model_mutants(model_files["fp32"].read_bytes(), every=40, folder=tmp_path)
     assert len(mutants) >= 15
     path = tmp_path / "mutant.safetensors"
@@ -155,7 +177,7 @@ def test_model_file_mutants_through_the_cli(tmp_path, model_files, monkeypatch, 
         try:
             read_schedule(path)  # reads the header alone: NaN weights, say, do not stop it
         except InputError:
-            commands.append(["inspect-schedule", "--checkpoint", path])
+            commands += [["inspect-schedule", "--checkpoint", path], ["info", path]]
         for args in commands:
             monkeypatch.setattr(sys, "argv", ["diffcli", *map(str, args)])
             with pytest.raises(SystemExit) as info:
@@ -245,6 +267,14 @@ def test_training_state_mutants(tmp_path, one_step_run):
             return tensors
 
         out = run_mutant(m, resume)
+        described = run_mutant(m, lambda: describe(path))  # `diffcli info`: the same checks, the header alone
+        if described.error is not None:
+            assert out.error is not None, (m.what, str(described.error))
+        else:
+            d = described.result
+            assert d.kind == "checkpoint" and d.training["steps"] == int(split(m.data).meta.get("step", "0")), m.what
+            assert out.error is None or re.search(r"holds (NaN or infinite|negative) values|is truncated or corrupt",
+                                                  str(out.error)), (m.what, str(out.error))
         if out.error is not None:
             tally["refused"] += 1
             continue

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,8 @@ def assert_one_error_line(result) -> str:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, make_dit) -> dict[str, tuple[Path, DiT]]:
     """cond: 3 classes, 8x8 RGB, linear schedule, v, guidance 2.5 stored, fp16 weights;
-    uncond: 1 channel, 8x12, cosine with zero terminal SNR, epsilon, a guidance stored that does not apply."""
+    uncond: 1 channel, 8x12, cosine with zero terminal SNR (so v: `sample` refuses epsilon there), a guidance
+    stored that does not apply. The training checkpoint below is the epsilon case."""
     folder = tmp_path_factory.mktemp("models")
     cond, uncond = folder / "cond.safetensors", folder / "uncond.safetensors"
     m_cond = make_dit(num_classes=3, seed=1)
@@ -72,7 +74,7 @@ def models(tmp_path_factory, make_dit) -> dict[str, tuple[Path, DiT]]:
                training={"steps": 42, "dataset": "toys", "preset": "custom-name"}, sampling={"guidance": 2.5},
                dtype=torch.float16)
     m_uncond = make_dit(in_channels=1, image_width=12, seed=2)
-    save_model(uncond, m_uncond, NoiseSchedule("cosine", 500, zero_terminal_snr=True), "epsilon", [],
+    save_model(uncond, m_uncond, NoiseSchedule("cosine", 500, zero_terminal_snr=True), "v", [],
                sampling={"guidance": 3.0})
     return {"cond": (cond, m_cond), "uncond": (uncond, m_uncond)}
 
@@ -119,7 +121,7 @@ def test_json_of_an_unconditional_model(models):
     assert d["weights_dtype"] == "float32"
     assert d["schedule"]["kind"] == "cosine" and d["schedule"]["num_timesteps"] == 500
     assert d["schedule"]["zero_terminal_snr"] is True
-    assert d["prediction"] == "epsilon"
+    assert d["prediction"] == "v"
     assert d["sampling_defaults"]["guidance"] == 1.0  # what sample uses: guidance needs classes
     assert d["sampling_defaults"]["num_images"] == 16
 
@@ -307,10 +309,13 @@ def test_bad_files_exit_4_with_one_line(tmp_path, models, case):
 
 CFG = ModelConfig(image_height=4, image_width=4, in_channels=1, patch_size=2, hidden_size=8, depth=1, num_heads=2,
                   num_classes=2).to_dict()
+SCHEDULE = NoiseSchedule("linear", 10).to_dict()
 
 
-def _with_metadata(tmp_path: Path, **changes: str | None) -> Path:
-    """A copy of a valid model file with some metadata values replaced (None: removed)."""
+def _with_metadata(tmp_path: Path, name: str = "edited", edit_tensors: Callable[[dict], object] | None = None,
+                   **changes: str | None) -> Path:
+    """A copy of a valid model file, tmp_path/NAME.safetensors, with some metadata values replaced
+    (None: removed) and its tensor dict edited in place by edit_tensors."""
     model = DiT(ModelConfig(**CFG))
     src = tmp_path / "src.safetensors"
     save_model(src, model, NoiseSchedule("linear", 10), "v", ["a", "b"], sampling={"guidance": 2.0})
@@ -324,29 +329,38 @@ def _with_metadata(tmp_path: Path, **changes: str | None) -> Path:
             meta.pop(k)
         else:
             meta[k] = v
-    out = tmp_path / "edited.safetensors"
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    out = tmp_path / f"{name}.safetensors"
     save_file(tensors, out, metadata=meta)
     return out
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"model_config": "[1, 2]"}, "'model_config' metadata (expected an object)"),
-    ({"model_config": "{not json"}, "'model_config' metadata (not JSON)"),
+    ({"model_config": "[1, 2]"}, "model_config must be an object, found [1, 2]"),
+    ({"model_config": "{not json"}, "has malformed 'model_config' metadata"),
     ({"model_config": None}, "lacks the 'model_config' metadata"),
-    ({"model_config": json.dumps({"depth": "8"})}, "depth should be an integer"),
+    ({"model_config": json.dumps({**CFG, "depth": "8"})}, 'model_config.depth must be an integer in [1, 1024], found "8"'),
+    ({"model_config": json.dumps({"depth": 2})}, "model_config.image_height is missing"),
     ({"model_config": json.dumps({"depth": 1 << 40, "hidden_size": 6, "num_heads": 4})}, "invalid model metadata"),
-    ({"schedule": json.dumps({"kind": "wavy"})}, "invalid schedule"),
-    ({"schedule": json.dumps({"num_timesteps": 1e999})}, "'schedule' metadata (not JSON)"),
-    ({"class_names": '"a b"'}, "'class_names' metadata (expected a list)"),
-    ({"class_names": '["a"]'}, "class_names do not match"),
-    ({"prediction": "x0"}, "unknown prediction type"),
-    ({"sampling": '{"guidance": NaN}'}, "'sampling' metadata (not JSON)"),
-    ({"sampling": '{"guidance": "high"}'}, "malformed sampling guidance"),
-    ({"sampling": '{"tuned": 3}'}, "tuned should be a list or an object"),
-    ({"training": "7"}, "'training' metadata (expected an object)"),
-    ({"image_size": "[9, 9]"}, "disagree with its model_config"),
-    ({"model_config": json.dumps({**CFG, "hidden_size": 16})}, "blocks.0.adaLN_modulation.1.bias has shape [48]"),
-    ({"model_config": json.dumps({**CFG, "depth": 2})}, "tensors do not match the model config (missing"),
+    ({"schedule": json.dumps({**SCHEDULE, "kind": "wavy"})}, 'schedule.kind must be one of "linear", '),
+    ({"schedule": json.dumps({**SCHEDULE, "num_timesteps": 1e999})},
+     "schedule.num_timesteps must be an integer in [2, "),
+    ({"class_names": '"a b"'}, 'class_names must be a list of strings, found "a b"'),
+    ({"class_names": '["a"]'}, "class_names has 1 names, the model config has 2 classes"),
+    ({"prediction": "x0"}, 'prediction must be one of "epsilon", "v", found "x0"'),
+    ({"schedule": json.dumps({**SCHEDULE, "zero_terminal_snr": True}), "prediction": "epsilon"},
+     "prediction 'epsilon' cannot be sampled with schedule.zero_terminal_snr"),
+    ({"sampling": '{"guidance": NaN}'}, "sampling.guidance must be a finite number, found NaN"),
+    ({"sampling": '{"guidance": "high"}'}, 'sampling.guidance must be a finite number >= 0, found "high"'),
+    ({"sampling": '{"tuned": 3}'}, "sampling.tuned must be an object or a list of objects, found 3"),
+    ({"sampling": '{"tuned": [{"steps": [1]}]}'}, "sampling.tuned[0].steps must be a string, number, true, false or null"),
+    ({"training": "7"}, "training must be an object, found 7"),
+    ({"image_size": "[9, 9]"}, "image_size is [9, 9], the model config has [4, 4]"),
+    ({"model_config": json.dumps({**CFG, "hidden_size": 16})},
+     "tensor x_embedder.weight has shape [8, 1, 2, 2], the config needs [16, 1, 2, 2]"),
+    ({"model_config": json.dumps({**CFG, "depth": 2})},
+     "tensors do not match the model config (tensor blocks.1.attn.qkv.weight is missing)"),
     ({"model_config": json.dumps({**CFG, "depth": 1 << 40})}, "depth must be an integer in [1, 1024]"),
     ({"model_config": json.dumps({**CFG, "hidden_size": 1 << 40, "num_heads": 1})}, "hidden_size must be an integer"),
     ({"format_version": "99"}, "newer than this diffcli's"),
@@ -358,6 +372,37 @@ def test_bad_metadata_exit_4(tmp_path, changes, words):
     assert result.exit_code == 4, result.output
     line = assert_one_error_line(result)
     assert words in line and str(path) in line, line
+
+
+def test_info_and_sample_refuse_a_corrupt_file_with_the_same_message(tmp_path):
+    """One validator (checkpoint.py) for both commands: each corrupt file is exit 4 for `info` and for
+    `sample`, with the identical message after `Error: `."""
+    torch.save({"w": torch.zeros(3)}, tmp_path / "model.pt")
+    good = _with_metadata(tmp_path, "good")
+    cases = {
+        "bad depth": (_with_metadata(tmp_path, "depth", model_config=json.dumps({**CFG, "depth": -3})),
+                      "has invalid model metadata: model_config.depth must be an integer in [1, 1024], found -3"),
+        "missing tensor": (_with_metadata(tmp_path, "missing", edit_tensors=lambda t: t.pop("final_layer.linear.bias")),
+                           "tensors do not match the model config (tensor final_layer.linear.bias is missing)"),
+        "reshaped tensor": (
+            _with_metadata(tmp_path, "reshaped",
+                           edit_tensors=lambda t: t.update({"x_embedder.weight": t["x_embedder.weight"].reshape(8, 4)})),
+            "tensor x_embedder.weight has shape [8, 4], the config needs [8, 1, 2, 2]"),
+        "truncated": (_write(tmp_path / "truncated.safetensors", good.read_bytes()[:-100]), "is truncated ("),
+        "NaN guidance": (_with_metadata(tmp_path, "nan", sampling='{"guidance": NaN}'),
+                         "has invalid model metadata: sampling.guidance must be a finite number, found NaN"),
+        "a .pt zip": (tmp_path / "model.pt",
+                      "holds a zip archive (such as a PyTorch .pt/.ckpt file), not safetensors; diffcli reads only safetensors"),
+    }
+    for what, (path, words) in cases.items():
+        messages = []
+        for args in (["info", path], ["sample", "-c", path, "-o", tmp_path / "out"]):
+            result = diffcli(*args)
+            assert result.exit_code == 4, (what, args[0], result.output)
+            messages.append(assert_one_error_line(result).removeprefix("Error: "))
+        assert messages[0] == messages[1], what
+        assert messages[0].startswith(str(path)) and words in messages[0], (what, messages[0])
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_huge_claimed_resolution_is_refused_as_sample_refuses_it(tmp_path):
