@@ -15,7 +15,9 @@ DIFFCLI_FUZZ=5000 random mutants per reader and prints how many each test tried.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import random
 import re
 import struct
@@ -42,7 +44,7 @@ from diffcli.model import ModelConfig
 from diffcli.schedule import NoiseSchedule
 
 from fuzzing import (
-    MEMORY_MEASURED, SEED, Mutant, count, header_mutants, metadata_mutants, pack, random_mutants, run_mutant, split, tensor_mutants,
+    JSON_TOKENS, MEMORY_MEASURED, REMOVE, SEED, VALUES, Mutant, count, header_mutants, metadata_mutants, pack, random_mutants, run_mutant, split, tensor_mutants,
 )
 
 MODEL_JSON = ("model_config", "schedule", "class_names", "training", "sampling", "image_size")
@@ -478,3 +480,59 @@ def test_png_text_limits_and_errors(tmp_path):
             read_png_text(path)
     with pytest.raises(InputError, match="not found"):
         read_png_text(tmp_path / "nope.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# sample --from-png: the diffcli record inside a PNG
+# --------------------------------------------------------------------------------------------------
+
+
+def test_from_png_record_mutants(tmp_path):
+    """Every field of the record removed or set to each VALUES entry, and random edits of its JSON
+    text: recorded_parameters returns checked values (types and ranges as sample needs them) or
+    refuses with one line; nothing else."""
+    from diffcli import ode
+    from diffcli.generate import recorded_parameters
+    from diffcli.samplers import SAMPLERS
+
+    good = {"seed": 7, "steps": 15, "sampler": "dpm++2m", "guidance": 1.5, "model_hash": "2fdb805a99",
+            "class": "7", "sigmas": "edm", "clip": True, "precision": "fp32", "width": 28, "nfe": 15}
+    path = tmp_path / "in.png"
+
+    def write(record_text: str) -> bytes:
+        buf = io.BytesIO()
+        info = PngImagePlugin.PngInfo()
+        info.add_text("diffcli", record_text)
+        Image.new("L", (4, 4), 0).save(buf, format="PNG", pnginfo=info)
+        return buf.getvalue()
+
+    mutants = []
+    for key in good:
+        for what, value in VALUES:
+            rec = {k: v for k, v in good.items() if k != key}
+            if value is not REMOVE:
+                rec[key] = value
+            mutants.append(Mutant(f"{key} {what}", write(json.dumps(rec))))
+    rng = random.Random(f"{SEED}-from-png")
+    text = json.dumps(good)
+    for i in range(count(150)):
+        pos = rng.randrange(len(text))
+        edited = text[:pos] + rng.choice(JSON_TOKENS + ["", ",", "}", "{", '"']) + text[pos + rng.randint(0, 8):]
+        mutants.append(Mutant(f"record edit {i}", write(edited)))
+    tally: Counter = Counter()
+    t0 = time.perf_counter()
+    for m in mutants:
+        path.write_bytes(m.data)
+        out = run_mutant(m, lambda: recorded_parameters(path))
+        if out.error is not None:
+            tally["refused"] += 1
+            continue
+        tally["read"] += 1
+        r = out.result
+        assert type(r["seed"]) is int and 0 <= r["seed"] < 2**63 - 2**32, m.what
+        assert type(r["steps"]) is int and 1 <= r["steps"] <= 100_000, m.what
+        assert r["sampler"] in SAMPLERS + ode.SAMPLERS and r["sigmas"] in (None, *ode.SIGMA_SCHEDULES), m.what
+        assert isinstance(r["guidance"], float) and math.isfinite(r["guidance"]) and r["guidance"] >= 0, m.what
+        assert r["class"] is None or isinstance(r["class"], str), m.what
+    report("from-png record", tally, time.perf_counter() - t0)
+    assert tally["refused"] > 100 and tally["read"] > 20
