@@ -614,3 +614,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, rgb, files, case):
     records.check("sample", rec)
     assert rec["kind"] == "error" and rec["exit_code"] == code
 
+
+def test_the_readme_example_is_redone_from_its_png(tmp_path, monkeypatch):
+    """weights/edit-as-8.png: the README's `--mask ... --class 8 --seed 1` on the shipped model. Its record
+    names weights/edit-example.png relative to the repository, where the README's commands run."""
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    png = root / "weights" / "edit-as-8.png"
+    recorded = json.loads(read_png_text(png)["diffcli"])
+    assert (recorded["init_image"], recorded["mask"], recorded["class"]) == (
+        "weights/edit-example.png", "weights/edit-mask.png", "8")
+    result = diffcli("sample", "--from-png", png, "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    (made,) = tmp_path.iterdir()
+    assert made.read_bytes() == png.read_bytes()
+    keep = pixels(root / "weights" / "edit-mask.png")[..., 0] == 0
+    assert torch.equal(pixels(made)[keep], pixels(root / "weights" / "edit-example.png")[keep])
