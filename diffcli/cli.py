@@ -206,11 +206,16 @@ def sample(
     classes: List[str] = typer.Option([], "--class", help="Class index or name; repeatable; 'all' cycles through the classes."),
     guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Classifier-free guidance scale (1 = off). Default: the model file's."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder: it receives the images and nothing else."),
-    name: str = typer.Option("{seed}-{index:04d}.png", "--name", help="File name template; fields {seed} {index} {class} {steps} {sampler}."),
+    name: Optional[str] = typer.Option(None, "--name", help="File name template; fields {seed} {index} {class} {steps} {sampler}, and {stem} (the input's name) with --init-image.", show_default="{seed}-{index:04d}.png; {stem}-{seed}.png with --init-image"),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid PNG of all images here. Interactive runs without -n get one beside --out (OUT-grid-SEED.png)."),
     no_grid: bool = typer.Option(False, "--no-grid", help="No grid, not even the interactive one."),
     from_png: Optional[Path] = typer.Option(None, "--from-png", help="Render again the image a diffcli PNG records (seed, class, sampler, steps, ...); options given beside it override."),
     force: bool = typer.Option(False, "--force", help="With --from-png: use this model even if its hash differs from the recorded one."),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help="Edit this image (or each image in this folder) instead of starting from noise: image-to-image, or inpainting with --mask."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="With --init-image: the part of the schedule that is run, in (0, 1]; 1 starts from noise.", show_default="0.6; 1 with --mask"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="With --init-image: a grayscale image (or a folder, matched by name) whose white part is redrawn; the rest is kept exactly."),
+    resample: Optional[int] = typer.Option(None, "--resample", help="With --mask: take each step R times, going back up in between (RePaint's harmonisation).", show_default="1"),
+    mask_blur: Optional[float] = typer.Option(None, "--mask-blur", help="With --mask: soft edges, fading in over about PX pixels inside the mask.", show_default="0"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Keep existing files and make only the missing ones."),
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed generation parameters in the PNGs."),
@@ -230,6 +235,8 @@ def sample(
     chosen = {
         "steps": steps, "sampler": sampler, "eta": eta, "spacing": spacing, "sigmas": sigmas, "num_images": num_images,
         "seed": seed, "classes": list(classes) or None, "guidance": guidance, "clip_x0": clip, "precision": precision,
+        "init_image": str(init_image) if init_image is not None else None, "strength": strength,
+        "mask": str(mask) if mask is not None else None, "resample": resample, "mask_blur": mask_blur,
     }
     given = {k for k, v in chosen.items() if v is not None}
     opts = generate.SampleOptions(

@@ -121,12 +121,15 @@ def load_rgb(path: Path) -> Image.Image:
         raise ValueError(f"unreadable ({type(e).__name__})") from None
 
 
-def resize_crop(im: Image.Image, H: int, W: int, margin: float = 1.0) -> Image.Image:
-    """Resize so the image covers (H*margin, W*margin), then center-crop to that box."""
+def resize_crop(im: Image.Image, H: int, W: int, margin: float = 1.0, resample: int | None = None) -> Image.Image:
+    """Resize so the image covers (H*margin, W*margin), then center-crop to that box. resample: PIL's
+    filter (default Lanczos when shrinking, bicubic when growing; a mask takes Image.NEAREST)."""
     th, tw = round(H * margin), round(W * margin)
     scale = max(th / im.height, tw / im.width)
     nh, nw = max(th, round(im.height * scale)), max(tw, round(im.width * scale))
-    im = im.resize((nw, nh), Image.LANCZOS if scale < 1 else Image.BICUBIC)
+    if resample is None:
+        resample = Image.LANCZOS if scale < 1 else Image.BICUBIC
+    im = im.resize((nw, nh), resample)
     top, left = (nh - th) // 2, (nw - tw) // 2
     return im.crop((left, top, left + tw, top + th))
 
@@ -135,6 +138,12 @@ def _decode(path: Path, H: int, W: int, margin: float) -> torch.Tensor:
     im = resize_crop(load_rgb(path), H, W, margin)
     data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return data.reshape(im.height, im.width, 3).permute(2, 0, 1).contiguous()  # (3, h, w)
+
+
+def luma(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (N, 3, h, w) -> uint8 gray (N, 1, h, w) by ITU-R 601 luma, as PIL's convert("L")."""
+    p = pixels.float()
+    return (p[:, 0] * 0.299 + p[:, 1] * 0.587 + p[:, 2] * 0.114).round().clamp(0, 255).to(torch.uint8)[:, None]
 
 
 def fingerprint(files: list[Path], labels: list[int], settings: str) -> str:
@@ -196,11 +205,7 @@ def load_folder(
     pixels = torch.stack([results[i] for i in keep])  # (N, 3, h, w)
     gray = bool((pixels[:, 0] == pixels[:, 1]).all() and (pixels[:, 1] == pixels[:, 2]).all())
     if channels == "1" or (channels == "auto" and gray):
-        if gray:
-            pixels = pixels[:, :1].contiguous()
-        else:  # ITU-R 601 luma, as PIL's convert("L")
-            p = pixels.float()
-            pixels = (p[:, 0] * 0.299 + p[:, 1] * 0.587 + p[:, 2] * 0.114).round().clamp(0, 255).to(torch.uint8)[:, None]
+        pixels = pixels[:, :1].contiguous() if gray else luma(pixels)
     out = ImageSet(
         pixels=pixels,
         labels=torch.tensor([labels[i] for i in keep], dtype=torch.long),

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from diffcli import __version__
+from diffcli import __version__, edit
 from diffcli.checkpoint import ModelFile, load_model
 from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
 from diffcli.errors import InputError, OutputExistsError, UsageError
@@ -22,7 +22,8 @@ from diffcli import ode
 from diffcli.samplers import SAMPLERS, sample
 
 DEFAULT_NAME = "{seed}-{index:04d}.png"
-NAME_FIELDS = {"seed", "index", "class", "steps", "sampler"}
+DEFAULT_EDIT_NAME = "{stem}-{seed}.png"  # --init-image: named after the input image
+NAME_FIELDS = {"seed", "index", "class", "steps", "sampler", "stem"}
 DEFAULT_WEIGHTS = "diffcli-mnist.safetensors"
 MAX_IMAGES = 100_000  # per run; every name is planned up front, so a typo like -n 10000000000 fails fast
 
@@ -57,7 +58,7 @@ class SampleOptions:
     classes: list[str] = field(default_factory=list)
     guidance: float | None = None  # default: the model file's, else 1.0
     out: str = "samples"
-    name: str = DEFAULT_NAME
+    name: str | None = None  # DEFAULT_NAME, or DEFAULT_EDIT_NAME with init_image
     grid: str | None = None  # a grid PNG of all the images, written only when asked for
     grid_beside_out: bool = False  # interactive use: a grid beside --out (OUT-grid-SEED.png), never inside it
     overwrite: bool = False
@@ -71,14 +72,25 @@ class SampleOptions:
     from_png: str | None = None  # set when the options were read from this PNG's parameters (in the --json record)
     expect_model_hash: str | None = None  # --from-png: the model hash the PNG records
     force: bool = False  # --from-png: render with a model of another hash
+    # editing (diffcli.edit): image-to-image from init_image, inpainting with a mask as well
+    init_image: str | None = None  # a file, or a folder (one image per file in it)
+    strength: float | None = None  # edit.DEFAULT_STRENGTH, or edit.MASK_STRENGTH with a mask
+    mask: str | None = None  # a file for every init image, or a folder of masks matched by file stem
+    resample: int = 1  # RePaint: each step taken this many times
+    mask_blur: float = 0.0  # feather the mask inward over about this many pixels
+    expect_init_sha256: str | None = None  # --from-png: the recorded hashes of the files it was made from
+    expect_mask_sha256: str | None = None
 
 
-def resolve_classes(tokens: list[str], mf: ModelFile, n: int) -> list[int | None]:
-    """The class index of each of the n images; `all` (the default for a conditional model) cycles."""
+def resolve_classes(tokens: list[str], mf: ModelFile, n: int, editing: bool = False) -> list[int | None]:
+    """The class index of each of the n images; `all` (the default for a conditional model) cycles.
+    An edit without --class is unconditional (None: the model's null class)."""
     names = mf.class_names
     if not names:
         if tokens:
             raise UsageError("--class was given but this model is unconditional (it has no classes)")
+        return [None] * n
+    if editing and not tokens:
         return [None] * n
     if not tokens or tokens == ["all"]:
         return [i % len(names) for i in range(n)]
@@ -164,7 +176,34 @@ def _recorded_fields() -> tuple:
         field("eta", float, min=0, max=1, default=None),
         field("clip", bool, default=None),
         field("precision", str, choices=("fp32", "bf16", "fp16"), default=None),
+        # an edit (diffcli.edit): the files it was made from, by path and hash, and how
+        field("init_image", str, max_len=4096, default=None),
+        field("init_sha256", str, max_len=64, default=None),
+        field("strength", float, gt=0, max=1, default=None),
+        field("mask", str, max_len=4096, default=None),
+        field("mask_sha256", str, max_len=64, default=None),
+        field("resample", int, min=1, max=edit.MAX_RESAMPLE, default=None),
+        field("mask_blur", float, min=0, max=edit.MAX_MASK_BLUR, default=None),
     )
+
+
+def _check_edit_record(rec: dict[str, Any], path: Path) -> None:
+    """An edit's record names its files with their hashes: an init image with its hash and strength, a
+    mask only beside an init image and with its hash; paths without control characters."""
+    def bad(message: str) -> InputError:
+        return InputError(f"--from-png: {path}: diffcli.{message}")
+
+    for name, sha in (("init_image", "init_sha256"), ("mask", "mask_sha256")):
+        if rec[name] is None:
+            continue
+        if not rec[name] or any(ord(c) < 32 or ord(c) == 127 for c in rec[name]):
+            raise bad(f"{name} must be a file path without control characters")
+        if rec[sha] is None or not rec[sha] or not all(c in "0123456789abcdef" for c in rec[sha]):
+            raise bad(f"{sha} must be the hexadecimal hash of {name}, found {rec[sha]!r}"[:200])
+    if rec["init_image"] is not None and rec["strength"] is None:
+        raise bad("strength is missing (the record has an init_image)")
+    if rec["mask"] is not None and rec["init_image"] is None:
+        raise bad("mask is recorded without an init_image")
 
 
 def recorded_parameters(path: str | Path) -> dict[str, Any]:
@@ -191,11 +230,14 @@ def recorded_parameters(path: str | Path) -> dict[str, Any]:
         record = parse_json(raw, "its diffcli record")
         if isinstance(record, dict) and record.get("grid") is True:
             raise InputError(f"--from-png: {path} is a grid; reproduce one of its images (seed + index) instead")
+        if isinstance(record, dict):  # null: does not apply (the class of an unconditional image), as if absent
+            record = {k: v for k, v in record.items() if v is not None}
         rec = check_record(record, _recorded_fields(), "diffcli", extra=True)
     except Invalid as e:
         raise InputError(f"--from-png: {path}: {e}") from None
     if not all(c in "0123456789abcdef" for c in rec["model_hash"]):
         raise InputError(f"--from-png: {path}: diffcli.model_hash must be hexadecimal, found {rec['model_hash'][:80]!r}")
+    _check_edit_record(rec, path)
     return rec
 
 
@@ -211,13 +253,32 @@ def apply_recorded(opts: SampleOptions, rec: dict[str, Any], given: set[str], pn
         values["classes"] = [rec["class"]]
     if rec["sigmas"] is None:
         values["spacing"] = rec["spacing"] or ode.DEFAULT_SPACING
-    optional = {"eta": rec["eta"], "clip_x0": rec["clip"], "precision": rec["precision"]}
+    optional = {"eta": rec["eta"], "clip_x0": rec["clip"], "precision": rec["precision"],
+                "strength": rec["strength"], "resample": rec["resample"], "mask_blur": rec["mask_blur"]}
     values.update({k: v for k, v in optional.items() if v is not None})
     for k, v in values.items():
         if k not in given:
             setattr(opts, k, v)
+    # an edit: the files it was made from, which must still hold what they held (plan checks the
+    # hashes), unless given again
+    if rec["init_image"] is not None and "init_image" not in given:
+        opts.init_image, opts.expect_init_sha256 = rec["init_image"], rec["init_sha256"]
+    if rec["mask"] is not None and "mask" not in given:
+        opts.mask, opts.expect_mask_sha256 = rec["mask"], rec["mask_sha256"]
     opts.from_png, opts.expect_model_hash = png, rec["model_hash"]
     return opts
+
+
+def _check_recorded_file(path: str, sha: str, what: str, flag: str, png: str | None) -> None:
+    """--from-png: the file an edit was made from must be where the PNG says, with the hash it records."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{png} was made from the {what} {path} (sha256 {sha}...), which is missing; "
+                         f"give it with {flag}")
+    found = edit.file_sha256(p)
+    if found != sha:
+        raise InputError(f"{png} was made from the {what} {path} with sha256 {sha}..., but that file now has "
+                         f"{found}...; give the original with {flag}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,6 +297,32 @@ class Plan:
     base_seed: int
     device: torch.device
     dtype: torch.dtype
+    edits: edit.EditFiles | None = None  # --init-image: the images (and masks), decoded and checked
+    inputs: list[int] = field(default_factory=list)  # with edits: the input image of each image
+    strength: float | None = None
+    span: int | None = None  # with edits: the timesteps [0, span) the steps are spread over
+
+
+def _check_edit_options(opts: SampleOptions) -> float | None:
+    """The edit options' usage errors (exit 2), before any file is read; the strength to use."""
+    if opts.init_image is None:
+        for flag, value in (("--mask", opts.mask), ("--strength", opts.strength)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --init-image")
+        if opts.resample != 1 or opts.mask_blur != 0:
+            raise UsageError(f"{'--resample' if opts.resample != 1 else '--mask-blur'} needs --init-image and --mask")
+        return None
+    if opts.strength is not None:
+        strength = opts.strength
+    else:
+        strength = edit.MASK_STRENGTH if opts.mask is not None else edit.DEFAULT_STRENGTH
+    edit.check_options(strength, opts.resample, opts.mask_blur, opts.mask is not None)
+    if Path(opts.init_image).is_dir():
+        if opts.from_png:
+            raise UsageError("--from-png redoes one image: give --init-image a file, not a folder")
+        if opts.num_images is not None:
+            raise UsageError("--num-images does not apply to a folder of init images: each one makes one image")
+    return strength
 
 
 def plan(opts: SampleOptions) -> Plan:
@@ -262,7 +349,12 @@ def plan(opts: SampleOptions) -> Plan:
         raise UsageError("--overwrite and --skip-existing exclude each other")
     if opts.seed is not None and not 0 <= opts.seed < 2**63 - 2**32:
         raise UsageError(f"--seed must be in [0, 2^63 - 2^32), got {opts.seed}")
-    check_template(opts.name)
+    strength = _check_edit_options(opts)
+    editing = strength is not None
+    template = opts.name or (DEFAULT_EDIT_NAME if editing else DEFAULT_NAME)
+    check_template(template)
+    if not editing and "{stem" in template:
+        raise UsageError("--name field {stem} (the input image's name) needs --init-image")
     device = resolve_device(opts.device)
     dtype = resolve_precision(opts.precision, device)
 
@@ -275,20 +367,42 @@ def plan(opts: SampleOptions) -> Plan:
                          f"{mf.model_hash}; give the model it was made with (-c), or --force to use this one")
     if opts.steps > mf.schedule.num_timesteps:
         raise UsageError(f"--steps must be at most the model's {mf.schedule.num_timesteps} timesteps")
-    n = opts.num_images or (len(mf.class_names) or 16)
-    classes = resolve_classes(opts.classes, mf, n)
+    edits, span, inputs = None, None, []
+    if editing:
+        span = edit.span(strength, mf.schedule, opts.steps)
+        if opts.expect_init_sha256 is not None:
+            _check_recorded_file(opts.init_image, opts.expect_init_sha256, "init image", "--init-image", opts.from_png)
+        if opts.expect_mask_sha256 is not None and opts.mask is not None:
+            _check_recorded_file(opts.mask, opts.expect_mask_sha256, "mask", "--mask", opts.from_png)
+        cfg = mf.config
+        edits = edit.load(opts.init_image, opts.mask, cfg.in_channels, cfg.image_height, cfg.image_width, opts.mask_blur)
+    if edits is not None and len(edits.inits) > 1:
+        n = len(edits.inits)
+        if n > MAX_IMAGES:
+            raise UsageError(f"{opts.init_image} holds {n} images, more than the {MAX_IMAGES} one job makes; split it")
+        inputs = list(range(n))  # a folder: one image per input
+    else:
+        n = opts.num_images or (1 if editing else (len(mf.class_names) or 16))
+        inputs = [0] * n if editing else []
+    classes = resolve_classes(opts.classes, mf, n, editing)
     base = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
     seeds = [base + i for i in range(n)]  # image i's own seed: `--seed s+i -n 1` reproduces it alone
     guidance = opts.guidance if opts.guidance is not None else float(mf.sampling.get("guidance", 1.0))
     if not mf.class_names:
         guidance = 1.0 if opts.guidance is None else guidance
+    elif editing and all(c is None for c in classes):  # an unconditional edit: nothing to guide towards
+        if opts.guidance not in (None, 1.0):
+            raise UsageError("--guidance needs --class: an edit without --class is unconditional")
+        guidance = 1.0
     out = Path(opts.out)
     paths = []
     for i, (s, c) in enumerate(zip(seeds, classes)):
         cname = mf.class_names[c] if c is not None else "uncond"
-        paths.append(render_name(opts.name, out, {"seed": s, "index": i, "class": cname, "steps": opts.steps, "sampler": opts.sampler}))
+        stem = edits.inits[inputs[i]].stem if edits is not None else ""
+        paths.append(render_name(template, out, {"seed": s, "index": i, "class": cname, "steps": opts.steps,
+                                                 "sampler": opts.sampler, "stem": stem}))
     if len(set(paths)) != len(paths):
-        raise UsageError(f"--name {opts.name!r} gives the same file name to several images; add {{index}} or {{seed}}")
+        raise UsageError(f"--name {template!r} gives the same file name to several images; add {{index}} or {{seed}}")
     grid = None
     if opts.grid:
         grid = Path(opts.grid)
@@ -306,7 +420,28 @@ def plan(opts: SampleOptions) -> Plan:
         if existing and not opts.skip_existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise OutputExistsError(f"{existing[0]} exists{more}; pass --overwrite or --skip-existing")
-    return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype)
+    return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype, edits, inputs, strength, span)
+
+
+def first_timestep(opts: SampleOptions, p: Plan) -> float:
+    """Where an edit's steps start (the log line): the first timestep the sampler visits."""
+    if opts.sigmas:
+        return ode.sigma_to_t(p.mf.schedule, ode.step_sigmas(p.mf.schedule, opts.steps, opts.spacing, opts.sigmas,
+                                                              p.span)[0])
+    return float(p.mf.schedule.timesteps(opts.steps, opts.spacing, p.span)[0])
+
+
+def edit_parameters(opts: SampleOptions, p: Plan, i: int) -> dict[str, Any]:
+    """What an edited image records beside the usual parameters (PNG and --json): its files and how."""
+    if p.edits is None:
+        return {}
+    k = p.inputs[i]
+    params: dict[str, Any] = {"init_image": str(p.edits.inits[k]), "init_sha256": p.edits.init_sha256[k],
+                              "strength": p.strength}
+    if p.edits.masks is not None:
+        params.update(mask=str(p.edits.masks[k]), mask_sha256=p.edits.mask_sha256[k], resample=opts.resample,
+                      mask_blur=float(opts.mask_blur))
+    return params
 
 
 def run(
@@ -322,6 +457,12 @@ def run(
         how = "given" if opts.seed is not None else "random"
         log(f"model {p.mf.path} ({p.mf.model_hash}); seed {p.base_seed} ({how}); {len(p.seeds)} images, "
             f"{opts.sampler} {opts.steps} steps, guidance {p.guidance:g}, {p.device.type}")
+        if p.edits is not None:
+            what = "inpainting" if p.edits.masks is not None else "img2img"
+            extra = (f", resample {opts.resample}" if opts.resample > 1 else "") + (
+                f", mask blur {opts.mask_blur:g}" if opts.mask_blur > 0 else "")
+            inputs = f"{len(p.edits.inits)} input images" if len(p.edits.inits) > 1 else f"input {p.edits.inits[0]}"
+            log(f"{what}: strength {p.strength:g}, {opts.steps} steps from t={first_timestep(opts, p):g}{extra}; {inputs}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     mf, cfg = p.mf, p.mf.config
@@ -360,7 +501,15 @@ def run(
             idx = todo[start : start + opts.batch_size]
             labels = None
             if null is not None:
-                labels = torch.tensor([p.classes[i] for i in idx], dtype=torch.long)
+                labels = torch.tensor([null if p.classes[i] is None else p.classes[i] for i in idx], dtype=torch.long)
+            begin = constraint = init = weight = None  # an edit: where the run begins, what each step keeps
+            if p.edits is not None:
+                ks = [p.inputs[i] for i in idx]
+                init = p.edits.init[ks]  # (B, C, H, W) uint8
+                begin = edit.start(init, p.span)
+                if p.edits.weight is not None:
+                    weight = p.edits.weight[ks]
+                    constraint = edit.Inpaint(begin.x0, weight, opts.resample)
             t0 = time.perf_counter()
 
             def cb(step: int, total: int, _base: int = done_steps, _k: int = len(idx)) -> None:
@@ -371,15 +520,17 @@ def run(
                 denoiser, mf.schedule, shape, opts.steps, opts.sampler, seeds=[p.seeds[i] for i in idx],
                 labels=labels, null_label=null, guidance=p.guidance, prediction=mf.prediction, eta=opts.eta,
                 spacing=opts.spacing, clip_x0=1.0 if opts.clip_x0 else None, device=p.device, callback=cb,
-                sigmas=opts.sigmas,
+                sigmas=opts.sigmas, start=begin, constraint=constraint,
             )
             done_steps += opts.steps * len(idx)
             seconds = (time.perf_counter() - t0) / len(idx)
             imgs = to_uint8(res.images)
+            if init is not None:
+                imgs = edit.compose(imgs, init, weight)  # outside the mask: the init image's bytes
             for j, i in enumerate(idx):
                 c = p.classes[i]
                 params = {**common, "seed": p.seeds[i], "class": mf.class_names[c] if c is not None else None,
-                          "nfe": res.nfe}
+                          "nfe": res.nfe, **edit_parameters(opts, p, i)}
                 text = generation_text(params) if opts.metadata else None
                 try:
                     save_png(p.paths[i], to_pil(imgs[j]), text, overwrite=opts.overwrite)

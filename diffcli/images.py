@@ -77,6 +77,8 @@ def parameters_text(p: dict[str, Any]) -> str:
         ("Spacing", p.get("spacing") if not p.get("sigmas") else None),
         ("Sigmas", p.get("sigmas")),
         ("NFE", p.get("nfe")),
+        ("Denoising strength", p.get("strength")),  # an edit (the name other tools use)
+        ("Mask blur", p.get("mask_blur") or None),
         ("Version", f"diffcli {p['diffcli_version']}" if "diffcli_version" in p else None),
     ]
     return ", ".join(f"{k}: {v}" for k, v in parts if v is not None)

@@ -47,12 +47,17 @@ import torch
 
 from diffcli.errors import UsageError
 from diffcli.samplers import (
+    Constraint,
     Denoiser,
     ImageNoise,
+    Level,
     SampleResult,
+    Start,
     _split,
     guided,
     predict_eps_x0,
+    renoise,
+    times,
 )
 from diffcli.schedule import NoiseSchedule
 
@@ -103,12 +108,13 @@ def check_sigmas(sampler: str, sigmas: str | None) -> None:
         )
 
 
-def nfe(sampler: str, steps: int, sigmas: str | None = None, schedule: NoiseSchedule | None = None) -> int:
+def nfe(sampler: str, steps: int, sigmas: str | None = None, schedule: NoiseSchedule | None = None,
+        span: int | None = None) -> int:
     """Model evaluations per image: heun evaluates twice per step except the last (to sigma = 0) and
-    the first-order edm jump (see edm_jump)."""
+    the first-order edm jump (see edm_jump). span: as for step_sigmas."""
     if sampler != "heun":
         return steps
-    jump = schedule is not None and edm_jump(step_sigmas(schedule, steps, "trailing", sigmas), sigmas)
+    jump = schedule is not None and edm_jump(step_sigmas(schedule, steps, "trailing", sigmas, span), sigmas)
     return 2 * steps - 1 - (1 if jump else 0)
 
 
@@ -155,20 +161,28 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = K
     return out
 
 
-def step_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", sigmas: str | None = None) -> list[float]:
-    """The N + 1 sigmas an ODE sampler with N steps visits, descending, the last one 0."""
+def step_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", sigmas: str | None = None,
+                span: int | None = None) -> list[float]:
+    """The N + 1 sigmas an ODE sampler with N steps visits, descending, the last one 0.
+
+    span: only the timesteps [0, span) of the schedule are run (image-to-image, diffcli.edit): the
+    --spacing timesteps are those of an N-step schedule over them, and karras/edm sigmas start at
+    sigma(span - 1) instead of sigma_max. None (or T) is the whole schedule."""
     check_sigmas(SAMPLERS[0], sigmas)  # the value only; any ODE sampler accepts it
+    top = sigma_max(schedule)
+    if span is not None:
+        schedule.timesteps(1, spacing, span)  # the same checks of span as for the timesteps
+        top = min(float(schedule.sigmas[span - 1]), top)
     if sigmas in SIGMA_SCHEDULES:
         if not isinstance(steps, int) or steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")
-        top, low = sigma_max(schedule), float(schedule.sigmas[0])
+        low = float(schedule.sigmas[0])
         if sigmas == "edm" and top > EDM_SIGMA_MAX and steps >= 2:
             out = [top] + karras_sigmas(steps - 1, low, EDM_SIGMA_MAX)
         else:
             out = karras_sigmas(steps, low, top)
     else:
-        top = sigma_max(schedule)
-        out = [min(float(schedule.sigmas[t]), top) for t in schedule.timesteps(steps, spacing).tolist()]
+        out = [min(float(schedule.sigmas[t]), top) for t in schedule.timesteps(steps, spacing, span).tolist()]
     return out + [0.0]
 
 
@@ -205,21 +219,42 @@ class VEDenoiser:
 
 Step = Callable[[int, int], None]
 
+# Each stepper takes an optional Constraint (diffcli.samplers; diffcli.edit's inpainting): after every
+# step it puts back what is known at the new level, and each step but the last is taken
+# times(constraint, ...) times, going back up from sigma_n to sigma with _back in between. Without
+# one, `times` is 1 and _known returns x itself, so a plain run does exactly what it did before.
 
-def euler(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: ImageNoise, callback: Step) -> torch.Tensor:
+
+def _known(constraint: Constraint | None, x: torch.Tensor, sigma: float, noise: ImageNoise) -> torch.Tensor:
+    """x after the constraint at noise level sigma (the VE view: a = 1, s = sigma); x itself without one."""
+    return x if constraint is None else constraint(x, Level(1.0, sigma), noise)
+
+
+def _back(x: torch.Tensor, sigma_n: float, sigma: float, noise: ImageNoise) -> torch.Tensor:
+    """RePaint's resampling: from sigma_n back up to sigma by the forward process, x + sqrt(sigma^2 - sigma_n^2) z."""
+    return renoise(x, Level(1.0, sigma_n), Level(1.0, sigma), noise)
+
+
+def euler(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: ImageNoise, callback: Step,
+          constraint: Constraint | None = None) -> torch.Tensor:
     """EDM Algorithm 1 without the correction (line 7 onwards): x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i.
     In this parametrisation it is the same update as DDIM with eta = 0, which Song et al. 2021 (DDIM,
     Sec. 4.3, Eq. 14) derive as Euler's method for the same ODE."""
     N = len(sigmas) - 1
     for i in range(N):
         sigma, sigma_n = sigmas[i], sigmas[i + 1]
-        d = (x - denoise(x, sigma)) / sigma
-        x = x + (sigma_n - sigma) * d
+        for r in range(times(constraint, sigma_n == 0)):
+            if r:
+                x = _back(x, sigma_n, sigma, noise)
+            d = (x - denoise(x, sigma)) / sigma
+            x = x + (sigma_n - sigma) * d
+            x = _known(constraint, x, sigma_n, noise)
         callback(i + 1, N)
     return x
 
 
-def euler_a(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: ImageNoise, callback: Step) -> torch.Tensor:
+def euler_a(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: ImageNoise, callback: Step,
+            constraint: Constraint | None = None) -> torch.Tensor:
     """Euler ancestral: each step goes deterministically down to sigma_down, then fresh noise brings the
     level back up to sigma_n. The split makes the step the DDPM posterior q(x_n | x, x0_hat) (DDIM Eq. 16
     with eta = 1, written in the VE view): with ab = 1 / (1 + sigma^2),
@@ -232,15 +267,20 @@ def euler_a(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise
         sigma, sigma_n = sigmas[i], sigmas[i + 1]
         sigma_up = min(sigma_n, math.sqrt(max(sigma_n**2 * (sigma**2 - sigma_n**2) / sigma**2, 0.0)))
         sigma_down = math.sqrt(max(sigma_n**2 - sigma_up**2, 0.0))
-        d = (x - denoise(x, sigma)) / sigma
-        x = x + (sigma_down - sigma) * d
-        if sigma_up > 0:
-            x = x + sigma_up * noise.draw()
+        for r in range(times(constraint, sigma_n == 0)):
+            if r:
+                x = _back(x, sigma_n, sigma, noise)
+            d = (x - denoise(x, sigma)) / sigma
+            x = x + (sigma_down - sigma) * d
+            if sigma_up > 0:
+                x = x + sigma_up * noise.draw()
+            x = _known(constraint, x, sigma_n, noise)
         callback(i + 1, N)
     return x
 
 
-def heun(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: ImageNoise, callback: Step) -> torch.Tensor:
+def heun(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: ImageNoise, callback: Step,
+         constraint: Constraint | None = None) -> torch.Tensor:
     """EDM Algorithm 1 (deterministic, no churn): an Euler step to sigma_{i+1}, then the trapezoidal
     correction with the slope there (lines 7-8); the step to sigma = 0 stays Euler (line 6).
 
@@ -251,38 +291,51 @@ def heun(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: I
     N = len(sigmas) - 1
     for i in range(N):
         sigma, sigma_n = sigmas[i], sigmas[i + 1]
-        d = (x - denoise(x, sigma)) / sigma
-        x_euler = x + (sigma_n - sigma) * d
-        if sigma_n == 0:
-            x = x_euler
-        else:
-            d_n = (x_euler - denoise(x_euler, sigma_n)) / sigma_n  # d'_i
-            x = x + (sigma_n - sigma) * (0.5 * d + 0.5 * d_n)
+        for r in range(times(constraint, sigma_n == 0)):
+            if r:
+                x = _back(x, sigma_n, sigma, noise)
+            d = (x - denoise(x, sigma)) / sigma
+            x_euler = x + (sigma_n - sigma) * d
+            if sigma_n == 0:
+                x = x_euler
+            else:
+                d_n = (x_euler - denoise(x_euler, sigma_n)) / sigma_n  # d'_i
+                x = x + (sigma_n - sigma) * (0.5 * d + 0.5 * d_n)
+            x = _known(constraint, x, sigma_n, noise)
         callback(i + 1, N)
     return x
 
 
-def dpmpp_2m(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: ImageNoise, callback: Step) -> torch.Tensor:
+def dpmpp_2m(denoise: VEDenoiser, x: torch.Tensor, sigmas: Sequence[float], noise: ImageNoise, callback: Step,
+             constraint: Constraint | None = None) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, in the VE view (alpha_t = 1, sigma_t = sigma):
         x_n = (sigma_n / sigma) x - (e^{-h} - 1) D_bar,            h = lam_n - lam = log(sigma / sigma_n)
         D_bar = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},                 r = h_last / h
     The first step has no previous D and uses D_bar = D_i (DPM-Solver++(1), which is DDIM); the step to
-    sigma = 0 (h = inf, e^{-h} = 0) is first order too and returns D_i, as in k-diffusion."""
+    sigma = 0 (h = inf, e^{-h} = 0) is first order too and returns D_i, as in k-diffusion.
+    A step taken again for a constraint (u > 0, after going back up with fresh noise) is first order too:
+    the trajectory was restarted, so D_{i-1} no longer belongs to it, and extrapolating from it on every
+    retry compounds (on a Gaussian toy, 3 tries drifted the inpainted mean from 1.3 to 3.3)."""
     N = len(sigmas) - 1
     D_prev: torch.Tensor | None = None
     h_last = 0.0
     for i in range(N):
         sigma, sigma_n = sigmas[i], sigmas[i + 1]
-        D = denoise(x, sigma)
-        if sigma_n == 0:
-            x = D
-        else:
-            h = math.log(sigma / sigma_n)  # lam_n - lam with lam = -log sigma
-            D_bar = D
-            if D_prev is not None and h_last > 0 and h > 0:
-                r = h_last / h
-                D_bar = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
-            x = (sigma_n / sigma) * x - math.expm1(-h) * D_bar
+        h = math.log(sigma / sigma_n) if sigma_n > 0 else math.inf  # lam_n - lam with lam = -log sigma
+        for u in range(times(constraint, sigma_n == 0)):
+            if u:
+                x = _back(x, sigma_n, sigma, noise)
+            D = denoise(x, sigma)
+            if sigma_n == 0:
+                x = D
+            else:
+                D_bar = D
+                if D_prev is not None and h_last > 0 and h > 0 and u == 0:
+                    r = h_last / h
+                    D_bar = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
+                x = (sigma_n / sigma) * x - math.expm1(-h) * D_bar
+            x = _known(constraint, x, sigma_n, noise)
+        if sigma_n > 0:
             h_last = h
         D_prev = D
         callback(i + 1, N)
@@ -315,11 +368,14 @@ def sample(
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,
     sigmas: str | None = None,
+    start: Start | None = None,
+    constraint: Constraint | None = None,
 ) -> SampleResult:
     """Turn per-image noise into images with an ODE sampler; the arguments are those of samplers.sample.
 
     sigmas: None (the `spacing` timesteps), 'karras' or 'edm'. With dtype float64 the timestep handed to the
     model is float64 too (for tests against closed forms); otherwise float32, as in samplers.sample.
+    start: begin at sigma(start.span - 1) from start.x0 + sigma eps instead of at the top from noise alone.
     """
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown ODE sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -330,21 +386,30 @@ def sample(
         labels = torch.full((B,), null_label, dtype=torch.long)
     if labels is not None:
         labels = labels.to(device)
-    sig = step_sigmas(schedule, steps, spacing, sigmas)
+    sig = step_sigmas(schedule, steps, spacing, sigmas, span=start.span if start is not None else None)
     t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     denoise = VEDenoiser(guided(denoiser, guidance, null_label), schedule, labels, prediction, clip_x0, t_dtype)
     noise = ImageNoise(seeds, shape, device, dtype)
-    x = noise.draw() * sig[0]  # x = x_0 + sigma_max n with the signal negligible: (B, C, H, W)
+    if start is None:
+        x = noise.draw() * sig[0]  # x = x_0 + sigma_max n with the signal negligible: (B, C, H, W)
+    else:
+        # SDEdit (Meng et al. 2022, Sec. 4.1) in the VE view: x = x_0 + sigma_0 eps at the first level visited
+        # (= x_t0 / sqrt(ab_t0) of the DDPM view), eps the image's first draw
+        x = start.x0.to(device=device, dtype=dtype) + sig[0] * noise.draw()
     cb = callback or (lambda i, n: None)
     if edm_jump(sig, sigmas):
         # edm: the step from the schedule's sigma_max down to 80 is one Euler step for every sampler
         # (a trapezoidal or multistep correction over a 250x sigma ratio is no better than Euler and
         # heun's goes far wrong); the sampler proper starts at sigma = 80
         N = len(sig) - 1
-        x = x + (sig[1] - sig[0]) * (x - denoise(x, sig[0])) / sig[0]
+        for r in range(times(constraint, False)):
+            if r:
+                x = _back(x, sig[1], sig[0], noise)
+            x = x + (sig[1] - sig[0]) * (x - denoise(x, sig[0])) / sig[0]
+            x = _known(constraint, x, sig[1], noise)
         cb(1, N)
-        x = STEPPERS[sampler](denoise, x, sig[1:], noise, lambda i, n: cb(i + 1, N))
+        x = STEPPERS[sampler](denoise, x, sig[1:], noise, lambda i, n: cb(i + 1, N), constraint)
     else:
-        x = STEPPERS[sampler](denoise, x, sig, noise, cb)
+        x = STEPPERS[sampler](denoise, x, sig, noise, cb, constraint)
     ts = [sigma_to_t(schedule, s) for s in sig[:-1]]
     return SampleResult(images=x, nfe=denoise.calls, timesteps=ts, sigmas=sig)

@@ -16,6 +16,8 @@ from typing import IO, Any
 _IMAGE_OPTIONAL = (
     "class", "steps", "sampler", "guidance", "spacing", "sigmas", "eta", "width", "height", "model_hash",
     "diffcli_version", "nfe", "seconds", "clip", "precision", "device", "from_png",
+    # an edited image (--init-image): its files and how they were used
+    "init_image", "init_sha256", "strength", "mask", "mask_sha256", "resample", "mask_blur",
 )
 _PROGRESS = (("task", "completed", "total", "elapsed", "eta"), ("loss", "images_per_second"))
 _ERROR = (("message", "exit_code"), ())

@@ -10,13 +10,18 @@ Legend (variable -> paper symbol):
 Every image gets its own CPU torch.Generator seeded with its own seed, and draws its initial noise and
 then each step's noise from it in order, so an image depends only on its seed (not on the batch it is
 in, the number of images around it, or the device).
+
+Editing (diffcli.edit) enters through two small hooks that every loop here and in diffcli.ode takes:
+a `Start` (begin from noised images part way down the schedule instead of from pure noise) and a
+`Constraint` (called after every step with the new x, to put back what is known; it may ask for each
+step to be taken several times, going back up by the forward process in between).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -192,6 +197,63 @@ class ImageNoise:
 
 
 # --------------------------------------------------------------------------------------------------
+# Editing hooks: where a run starts, and what is put back after each step (used by diffcli.edit)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Level:
+    """A noise level as a loop's x holds it: x = a x_0 + s eps. In this module's DDPM view a = sqrt(ab_t),
+    s = sqrt(1 - ab_t); in diffcli.ode's VE view a = 1, s = sigma. Level(1.0, 0.0) is the clean image."""
+
+    a: float
+    s: float
+
+
+def ddpm_level(schedule: NoiseSchedule, t: int) -> Level:
+    """The level of timestep t in the DDPM view (t = -1: the clean image, a = 1, s = 0 exactly)."""
+    ab = schedule.alpha_bar(t)
+    return Level(math.sqrt(ab), math.sqrt(1.0 - ab))
+
+
+@dataclass
+class Start:
+    """Begin from images instead of pure noise (SDEdit, Meng et al. 2022, Sec. 4.1): the steps are spread
+    over the timesteps [0, span) of the schedule only, and x0 (B, C, H, W, model space) is noised to the
+    first level visited with the image's first noise draw. span = T starts at the top, like plain sampling."""
+
+    x0: torch.Tensor
+    span: int
+
+
+class Constraint(Protocol):
+    """Called after every step with x at its new level; returns x with what is known put back (RePaint,
+    Lugmayr et al. 2022: diffcli.edit.Inpaint). Every step but the last (the one to the clean image) is
+    taken `resample` times, going back up one step with `renoise` in between (1: once)."""
+
+    resample: int
+
+    def __call__(self, x: torch.Tensor, level: Level, noise: "ImageNoise") -> torch.Tensor: ...
+
+
+def times(constraint: Constraint | None, to_clean: bool) -> int:
+    """How many times a loop takes a step: RePaint's resampling repeats each step except the last
+    (Lugmayr et al. 2022, Algorithm 1: 'if u < U and t > 1')."""
+    return 1 if constraint is None or to_clean else constraint.resample
+
+
+def renoise(x: torch.Tensor, lower: Level, higher: Level, noise: "ImageNoise") -> torch.Tensor:
+    """One forward step back up, q(x_higher | x_lower) (RePaint Algorithm 1, line 9: x_t ~ N(sqrt(1 - beta_t)
+    x_{t-1}, beta_t I)), for any two levels of one view:
+        x_h = r x_l + sqrt(s_h^2 - r^2 s_l^2) z,   r = a_h / a_l
+    DDPM view: r^2 = ab_h / ab_l and the variance is 1 - ab_h / ab_l, the strided beta; VE view: r = 1 and
+    the variance sigma_h^2 - sigma_l^2. z is the image's next draw from its own generator."""
+    r = higher.a / lower.a
+    std = math.sqrt(max(higher.s**2 - (r * lower.s) ** 2, 0.0))
+    return r * x + std * noise.draw()
+
+
+# --------------------------------------------------------------------------------------------------
 # The sampling loop
 # --------------------------------------------------------------------------------------------------
 
@@ -224,12 +286,15 @@ def sample(
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,
     sigmas: str | None = None,
+    start: Start | None = None,
+    constraint: Constraint | None = None,
 ) -> SampleResult:
     """Turn per-image noise into images: one image per seed, shape (C, H, W) each.
 
     labels: (B,) class indices (None: unconditional, the null class when the model has one).
     callback(step_index, total_steps) is called after every step (for progress bars).
     sigmas: the step schedule of the ODE samplers in diffcli.ode (None, 'karras' or 'edm'); not for ddim/ddpm.
+    start, constraint: the editing hooks (see Start and Constraint; diffcli.edit builds them).
     """
     from diffcli import ode
 
@@ -239,7 +304,7 @@ def sample(
             return ode.sample(
                 denoiser, schedule, shape, steps, sampler, seeds=seeds, labels=labels, null_label=null_label,
                 guidance=guidance, prediction=prediction, spacing=spacing, clip_x0=clip_x0, device=device,
-                dtype=dtype, callback=callback, sigmas=sigmas,
+                dtype=dtype, callback=callback, sigmas=sigmas, start=start, constraint=constraint,
             )
         raise UsageError(f"unknown sampler {sampler!r}")
     device = torch.device(device)
@@ -250,20 +315,32 @@ def sample(
         labels = labels.to(device)
     f = guided(denoiser, guidance, null_label)
     noise = ImageNoise(seeds, shape, device, dtype)
-    ts = schedule.timesteps(steps, spacing).tolist()
+    ts = schedule.timesteps(steps, spacing, span=start.span if start is not None else None).tolist()
     x = noise.draw()  # x_T ~ N(0, I), also the first step's input when it is not t = T - 1
+    if start is not None:
+        # SDEdit (Meng et al. 2022, Sec. 4.1): start from q(x_t0 | x_0) at the first timestep visited,
+        # x_t0 = sqrt(ab_t0) x_0 + sqrt(1 - ab_t0) eps (DDPM Eq. 4), eps the image's first draw
+        ab = schedule.alpha_bar(ts[0])
+        x = math.sqrt(ab) * start.x0.to(device=device, dtype=dtype) + math.sqrt(1.0 - ab) * x
+    calls = 0
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        t_in = torch.full((B,), float(t), device=device, dtype=torch.float32)
-        out = f(x, t_in, labels)
-        if sampler == "ddim":
-            z = noise.draw() if eta > 0 else None
-            x, _ = ddim_step(schedule, x, out, t, t_prev, eta=eta, noise=z, prediction=prediction, clip_x0=clip_x0)
-        else:
-            z = noise.draw() if t_prev >= 0 else None
-            x, _ = ddpm_step(
-                schedule, x, out, t, t_prev, noise=z, prediction=prediction, variance=variance, clip_x0=clip_x0
-            )
+        for r in range(times(constraint, t_prev < 0)):
+            if r:  # RePaint resampling: back up from t_prev to t by the forward process, take the step again
+                x = renoise(x, ddpm_level(schedule, t_prev), ddpm_level(schedule, t), noise)
+            t_in = torch.full((B,), float(t), device=device, dtype=torch.float32)
+            out = f(x, t_in, labels)
+            calls += 1
+            if sampler == "ddim":
+                z = noise.draw() if eta > 0 else None
+                x, _ = ddim_step(schedule, x, out, t, t_prev, eta=eta, noise=z, prediction=prediction, clip_x0=clip_x0)
+            else:
+                z = noise.draw() if t_prev >= 0 else None
+                x, _ = ddpm_step(
+                    schedule, x, out, t, t_prev, noise=z, prediction=prediction, variance=variance, clip_x0=clip_x0
+                )
+            if constraint is not None:
+                x = constraint(x, ddpm_level(schedule, t_prev), noise)
         if callback is not None:
             callback(i + 1, len(ts))
-    return SampleResult(images=x, nfe=len(ts), timesteps=ts)
+    return SampleResult(images=x, nfe=calls, timesteps=ts)

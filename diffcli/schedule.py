@@ -209,15 +209,25 @@ class NoiseSchedule:
 
     # -- sampling timesteps ------------------------------------------------------------------------
 
-    def timesteps(self, num_steps: int, spacing: str = "trailing") -> torch.Tensor:
+    def timesteps(self, num_steps: int, spacing: str = "trailing", span: int | None = None) -> torch.Tensor:
         """The N timesteps a sampler visits, descending (int64).
 
         leading  = arange(N) * (T // N), reversed          (DDIM, Song et al. 2021; diffusers 'leading')
         trailing = round(arange(T, 0, -T / N)) - 1         (Lin et al. 2024, Table 2; ends at t = T - 1)
         linspace = round(linspace(0, T - 1, N)), reversed  (diffusers 'linspace')
         Rounding is half-to-even, as numpy's round.
+
+        span: spread the N steps over the timesteps [0, span) only, as if the schedule had span
+        timesteps (T above is then span): an image-to-image run that starts part way down (SDEdit,
+        diffcli.edit) still takes N steps. None is the whole schedule.
         """
         T = self.num_timesteps
+        if span is not None:
+            if not isinstance(span, int) or not 1 <= span <= T:
+                raise UsageError(f"span must be between 1 and the schedule's {T} timesteps, got {span}")
+            if not isinstance(num_steps, int) or not 1 <= num_steps <= span:
+                raise UsageError(f"steps must be between 1 and the {span} timesteps spanned, got {num_steps}")
+            T = span
         if not isinstance(num_steps, int) or not 1 <= num_steps <= T:
             raise UsageError(f"steps must be between 1 and the schedule's {T} timesteps, got {num_steps}")
         if spacing not in SPACINGS:
