@@ -58,6 +58,10 @@ def test_fid_of_two_full_gaussians_from_their_samples():
     assert metrics.fid(x.float(), y.float()) == pytest.approx(expected, rel=1e-5)  # float32 input rounding
     assert metrics.fid(x, y) == pytest.approx(expected, rel=1e-10)
     assert metrics.fid(y, x) == pytest.approx(expected, rel=1e-10)  # symmetric
+    # the reference side's square root, computed once and kept (the cache stores it): the same figure
+    a, b = metrics.gaussian(x), metrics.gaussian(y).with_root()
+    assert torch.allclose(b.root @ b.root, b.sigma, atol=1e-12)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-10)
 
 
 def test_fid_with_singular_covariances_is_finite_and_not_negative():

@@ -28,10 +28,15 @@ NEIGHBOURS = 3  # k of precision/recall
 
 @dataclass(frozen=True)
 class Gaussian:
-    """The mean and covariance of a feature set, float64."""
+    """The mean and covariance of a feature set, float64, and the covariance's square root when it has
+    been worked out (the reference side keeps it: one of FID's two eigendecompositions)."""
 
     mu: torch.Tensor  # (D,)
     sigma: torch.Tensor  # (D, D)
+    root: torch.Tensor | None = None  # (D, D), sqrtm_psd(sigma)
+
+    def with_root(self) -> "Gaussian":
+        return self if self.root is not None else Gaussian(self.mu, self.sigma, sqrtm_psd(self.sigma))
 
 
 def gaussian(features: torch.Tensor) -> Gaussian:
@@ -52,12 +57,12 @@ def sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
     return (v * w.clamp(min=0).sqrt()) @ v.T
 
 
-def trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+def trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor, r1: torch.Tensor | None = None) -> torch.Tensor:
     """Tr((Sigma_1 Sigma_2)^{1/2}) = Tr((r1 Sigma_2 r1)^{1/2}) with r1 = Sigma_1^{1/2}: the product
     r1 Sigma_2 r1 is similar to Sigma_1 Sigma_2 (same eigenvalues) but symmetric PSD, so its
     eigenvalues are real and >= 0 and eigh finds them stably (scipy.linalg.sqrtm works on the
-    non-symmetric product and can return complex noise)."""
-    r1 = sqrtm_psd(s1)
+    non-symmetric product and can return complex noise). r1 may be given when known."""
+    r1 = sqrtm_psd(s1) if r1 is None else r1
     p = r1 @ s2 @ r1
     w = torch.linalg.eigvalsh((p + p.T) / 2)
     return w.clamp(min=0).sqrt().sum()
@@ -65,9 +70,10 @@ def trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
 
 def frechet_distance(a: Gaussian, b: Gaussian) -> float:
     """||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^{1/2})  (Heusel et al. 2017, Eq. 6).
-    Never negative: rounding below 0 returns 0."""
+    Symmetric in a and b; b's square root is used when it has one. Never negative: rounding below 0
+    returns 0."""
     d = a.mu - b.mu
-    value = d @ d + torch.trace(a.sigma) + torch.trace(b.sigma) - 2 * trace_sqrt_product(a.sigma, b.sigma)
+    value = d @ d + torch.trace(a.sigma) + torch.trace(b.sigma) - 2 * trace_sqrt_product(b.sigma, a.sigma, b.root)
     return max(0.0, float(value))
 
 
