@@ -363,6 +363,9 @@ def train(
     resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events (needs tensorboard)."),
     save_dtype: str = typer.Option("fp32", "--save-dtype", help="Weights in model.safetensors: fp32, or fp16 (half the size)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Every K steps, FID/KID/accuracy of EMA samples against --eval-real (0: never)."),
+    eval_real: Optional[Path] = typer.Option(None, "--eval-real", help="Folder of real images for --eval-every."),
+    eval_images: int = typer.Option(1000, "--eval-images", help="Samples per --eval-every evaluation."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
     json_out: bool = typer.Option(False, "--json", help="JSON Lines: a summary record on stdout, progress records on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
@@ -382,6 +385,7 @@ def train(
         precision=precision, compile=compile_, seed=seed, device=device, num_workers=num_workers,
         checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, metrics_every=metrics_every,
         resume=resume, tensorboard=tensorboard, save_dtype=save_dtype,
+        eval_every=eval_every, eval_real=str(eval_real) if eval_real else None, eval_images=eval_images,
     )
 
     def job() -> None:
@@ -405,6 +409,8 @@ def train(
         else:
             print(f"model: {result.model_path}\nrun: {result.run_dir}\nsteps: {result.steps}  "
                   f"loss: {result.final_loss:.4f}  {result.images_per_second:.0f} img/s  {result.seconds:.0f} s")
+            if result.best_fid is not None:
+                print(f"best FID: {result.best_fid:.4f} at step {result.best_fid_step}")
 
     run_core(job, "train" if json_out else None)
 
