@@ -74,6 +74,24 @@ def test_identical_sets_score_zero_and_other_colours_do_not(folders, tmp_path, t
     assert far["accuracy"] is None  # the classes x and y are not folders of REAL
 
 
+def test_images_in_memory_score_as_the_same_images_in_a_folder(folders, tmp_path):
+    """Evaluator.score_pixels (training's samples) against a folder of the same pixels as PNGs, for one
+    and three channels, from a batch tensor whose images are views into one storage."""
+    from diffcli.eval.evaluate import Evaluator
+
+    real, samples = folders
+    ev = Evaluator.prepare(real, "auto", cache_dir=tmp_path / "c")
+    files = sorted(samples.rglob("*.png"))
+    pixels = torch.stack([torch.frombuffer(bytearray(Image.open(f).convert("RGB").tobytes()), dtype=torch.uint8)
+                          .reshape(8, 8, 3) for f in files]).permute(0, 3, 1, 2)  # (N, 3, 8, 8), non-contiguous views
+    classes = [f.parent.name for f in files]
+    from_folder = result_of(diffcli("eval", samples, "--real", real, "--cache", tmp_path / "c", "--json"))
+    in_memory = ev.score_pixels(pixels, classes)
+    assert in_memory.fid == pytest.approx(from_folder["fid"], rel=1e-9) and in_memory.accuracy == from_folder["accuracy"]
+    gray = pixels[:, :1]  # one channel: images differ, so the FID of the set against itself is 0 only if each is read
+    assert ev.score_pixels(gray).fid != ev.score_pixels(gray[:1].expand(len(gray), -1, -1, -1)).fid
+
+
 def test_statistics_cache_is_reused_and_invalidated(folders, tmp_path):
     real, samples = folders
     c = tmp_path / "cache"

@@ -93,8 +93,8 @@ def class_accuracy(logits: torch.Tensor, sample_classes: Sequence[str], class_na
     index = {name: k for k, name in enumerate(class_names)}
     target = torch.tensor([index[c] for c in sample_classes])
     correct = logits.argmax(1) == target
-    per = {name: float(correct[target == k].float().mean()) for k, name in enumerate(class_names) if (target == k).any()}
-    return float(correct.float().mean()), per
+    per = {name: float(correct[target == k].double().mean()) for k, name in enumerate(class_names) if (target == k).any()}
+    return float(correct.double().mean()), per
 
 
 # --------------------------------------------------------------------------------------------------

@@ -62,8 +62,16 @@ def prepare(im: Image.Image, size: int, channels: int) -> torch.Tensor:
 def tensor_image(pixels: torch.Tensor) -> Image.Image:
     """One uint8 (C, H, W) image (C = 1 or 3) as a PIL RGB image."""
     C, H, W = pixels.shape
-    data = bytes(pixels.permute(1, 2, 0).contiguous().untyped_storage())
-    return Image.frombytes("L" if C == 1 else "RGB", (W, H), data).convert("RGB")
+    hwc = pixels.permute(1, 2, 0).contiguous()
+    return Image.frombytes("L" if C == 1 else "RGB", (W, H), bytes(_memory(hwc))).convert("RGB")
+
+
+def _memory(t: torch.Tensor) -> ctypes.Array:
+    """The bytes of a contiguous CPU tensor, as a buffer over its own memory (not its storage's, which
+    may hold a whole batch; and without bytes(storage), which copies one byte at a time). The caller
+    keeps t alive while the buffer is used."""
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,8 +140,8 @@ def weights_digest(tensors: dict[str, torch.Tensor], recipe: str) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
-        if t.numel():  # the tensor's memory as a buffer (bytes(storage) would copy it one byte at a time)
-            h.update((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+        if t.numel():
+            h.update(_memory(t))
     return h.hexdigest()
 
 
