@@ -40,9 +40,19 @@ DIFFCLI = [sys.executable, "-m", "diffcli"]
 
 
 def machine() -> dict:
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_name(),
             "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "load_average": os.getloadavg()[0]}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run_eval(*args: str, env: dict | None = None) -> tuple[dict, float]:
@@ -264,24 +274,22 @@ def load_fidelity():
     2.13.0 that PyPI's torchvision does not load beside) its three metric modules are loaded with a
     stand-in for torch_fidelity.utils, which they import only for their dataset plumbing: the
     functions compared here run unchanged."""
+    import importlib
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        raise ImportError("no module named torch_fidelity")
     try:
         import torch_fidelity
         from torch_fidelity import metric_fid, metric_kid, metric_prc
 
         return metric_fid, metric_kid, metric_prc, torch_fidelity.__version__
-    except ImportError:
-        raise
-    except Exception:  # noqa: BLE001 (torchvision fails with a RuntimeError beside some torch builds)
+    except Exception:  # noqa: BLE001 (no torchvision, or one that fails with a RuntimeError beside this torch)
         pass
-    import importlib
-    import importlib.util
-    import types
-
     for name in [n for n in sys.modules if n.startswith(("torch_fidelity", "torchvision"))]:
         del sys.modules[name]
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        raise ImportError("no module named torch_fidelity")
     pkg = types.ModuleType("torch_fidelity")
     pkg.__path__ = list(spec.submodule_search_locations)
     utils = types.ModuleType("torch_fidelity.utils")
@@ -307,7 +315,7 @@ def main() -> None:
         raise SystemExit(f"Error: no MNIST folder at {data}; make one with python -m diffcli.mnist (see weights/README.md)")
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="diffcli-eval-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": machine(), "data": str(data)}
+    results: dict = {}
     previous = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
     try:
         for part in parts:
@@ -324,6 +332,8 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown part {part!r}")
             results[part]["part_seconds"] = round(time.perf_counter() - t0, 1)
+            results[part]["machine"] = machine()
+            results[part]["data"] = str(data)
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)

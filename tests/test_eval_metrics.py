@@ -120,5 +120,8 @@ def test_precision_and_recall_on_hand_made_point_clouds():
     far = real + 100
     assert metrics.precision_recall(far, real) == (0.0, 0.0)
     assert metrics.precision_recall(real, real) == (1.0, 1.0)
+    # the real side's radii, computed once and kept: the same figures
+    radii = metrics.kth_neighbour_radii(real.double(), 3)
+    assert metrics.precision_recall(fake, real, real_radii=radii) == (precision, recall)
     with pytest.raises(ValueError):
         metrics.precision_recall(real[:3], real)

@@ -7,8 +7,8 @@ decoding them), so a moved or copied folder keeps its cache and an edited image 
 
     auto-KEY.safetensors    the classifier trained on the folder with KEY ("diffcli.evalnet")
     real-KEY2.safetensors   features (N, D) float32, labels (N,), mu (D,), sigma and its square root
-                            sigma_root (D, D) float64 ("diffcli.evalstats"); KEY2 hashes KEY with
-                            the feature network's digest
+                            sigma_root (D, D), the k-NN radii (N,) of precision/recall, float64
+                            ("diffcli.evalstats"); KEY2 hashes KEY with the feature network's digest
 
 Both are files from elsewhere as far as diffcli is concerned: before use, the header, every
 metadata field, the tensors' names, shapes and dtypes, finiteness and a SHA-256 of the tensors are
@@ -30,7 +30,7 @@ import torch
 
 from diffcli import checkpoint
 from diffcli.errors import InputError
-from diffcli.eval import classifier
+from diffcli.eval import classifier, metrics
 from diffcli.eval.features import weights_digest
 from diffcli.eval.metrics import Gaussian
 from diffcli.validate import Invalid, check_names, check_record, field
@@ -175,8 +175,16 @@ class Reference:
     labels: torch.Tensor
     class_names: list[str]
     gaussian: Gaussian
+    radii: torch.Tensor  # (N,) float64: each image's distance to its NEIGHBOURS-th nearest other (0 when N <= k)
     folder_key: str
     cached: bool  # read from the cache rather than computed in this run
+
+    @classmethod
+    def build(cls, features: torch.Tensor, labels: torch.Tensor, class_names: list[str], folder_key: str) -> "Reference":
+        k = metrics.NEIGHBOURS
+        f = features.double()
+        radii = metrics.kth_neighbour_radii(f, k) if len(f) > k else torch.zeros(len(f), dtype=torch.float64)
+        return cls(features, labels, class_names, metrics.gaussian(features).with_root(), radii, folder_key, cached=False)
 
 
 def stats_key(folder: str, feature_kind: str, feature_digest: str) -> str:
@@ -194,6 +202,7 @@ _STATS_FIELDS = (
     field("digest", str, max_len=_HEX),
     field("n", int, min=2, max=_MAX_IMAGES),
     field("dim", int, min=1, max=65_536),
+    field("neighbours", int, choices=(metrics.NEIGHBOURS,)),
 )
 
 
@@ -204,7 +213,7 @@ def _stats_digest(t: dict[str, torch.Tensor]) -> str:
 def read_stats(path: Path, key: str, dim: int, log: Callable[[str], None]) -> Reference | None:
     def check(header: checkpoint.Header, data: bytes) -> Reference:
         meta = header.meta
-        rec = _fields(header, path, ("key", "folder_key", "kind", "digest"), ("n", "dim"), _STATS_FIELDS)
+        rec = _fields(header, path, ("key", "folder_key", "kind", "digest"), ("n", "dim", "neighbours"), _STATS_FIELDS)
         for name in ("key", "folder_key", "digest"):
             _check_hex(rec[name], f"metadata.{name}")
         if rec["key"] != key:
@@ -214,15 +223,17 @@ def read_stats(path: Path, key: str, dim: int, log: Callable[[str], None]) -> Re
         names = check_names(checkpoint.meta_json(meta, "class_names", path), "metadata.class_names")
         N, D = rec["n"], rec["dim"]
         expected = {"features": ((N, D), ("F32",)), "labels": ((N,), ("I64",)), "mu": ((D,), ("F64",)),
-                    "sigma": ((D, D), ("F64",)), "sigma_root": ((D, D), ("F64",))}
+                    "sigma": ((D, D), ("F64",)), "sigma_root": ((D, D), ("F64",)), "radii": ((N,), ("F64",))}
         t = _tensors(header, data, path, expected)
         if _stats_digest(t) != rec["digest"]:
             raise Invalid("the tensors do not match their recorded SHA-256")
         labels = t["labels"]
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= max(1, len(names))):
             raise Invalid("labels out of range of the class names")
-        return Reference(t["features"], labels, names, Gaussian(t["mu"], t["sigma"], t["sigma_root"]), rec["folder_key"],
-                         cached=True)
+        if bool((t["radii"] < 0).any()):
+            raise Invalid("tensor radii holds negative distances")
+        return Reference(t["features"], labels, names, Gaussian(t["mu"], t["sigma"], t["sigma_root"]), t["radii"],
+                         rec["folder_key"], cached=True)
 
     return _read(path, STATS_FORMAT, "eval cache", log, check)
 
@@ -230,7 +241,9 @@ def read_stats(path: Path, key: str, dim: int, log: Callable[[str], None]) -> Re
 def write_stats(path: Path, key: str, kind: str, ref: Reference) -> None:
     g = ref.gaussian.with_root()
     t = {"features": ref.features.float().contiguous(), "labels": ref.labels.long().contiguous(),
-         "mu": g.mu.double().contiguous(), "sigma": g.sigma.double().contiguous(), "sigma_root": g.root.contiguous()}
+         "mu": g.mu.double().contiguous(), "sigma": g.sigma.double().contiguous(), "sigma_root": g.root.contiguous(),
+         "radii": ref.radii.double().contiguous()}
     meta = {"key": key, "folder_key": ref.folder_key, "kind": kind, "digest": _stats_digest(t),
-            "n": int(t["features"].shape[0]), "dim": int(t["features"].shape[1]), "class_names": ref.class_names}
+            "n": int(t["features"].shape[0]), "dim": int(t["features"].shape[1]), "neighbours": metrics.NEIGHBOURS,
+            "class_names": ref.class_names}
     checkpoint.write(path, t, meta, STATS_FORMAT)

@@ -175,8 +175,7 @@ class Evaluator:
                 _at_least_two(len(kept), "REAL", root)
                 if emb.skipped and pixels is None:
                     log(_skipped_line("REAL", files, emb.skipped))
-            reference = cache.Reference(feats, torch.tensor([labels[i] for i in kept], dtype=torch.long), names,
-                                        metrics.gaussian(feats).with_root(), key, cached=False)
+            reference = cache.Reference.build(feats, torch.tensor([labels[i] for i in kept], dtype=torch.long), names, key)
             cache.write_stats(spath, skey, main.kind, reference)
         else:
             log(f"REAL: {len(reference.features)} images' {main.kind} features from the cache ({spath})")
@@ -200,7 +199,7 @@ class Evaluator:
         kid_mean, kid_std = metrics.kid(fake, real)
         precision = recall = None
         if min(len(fake), len(real)) > k:
-            precision, recall = metrics.precision_recall(fake, real, k)
+            precision, recall = metrics.precision_recall(fake, real, k, self.reference.radii)
         else:
             log(f"precision and recall need more than {k} images on each side; not measured")
         accuracy = per_class = None

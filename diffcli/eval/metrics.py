@@ -141,14 +141,17 @@ def inside_manifold(query: torch.Tensor, points: torch.Tensor, radii: torch.Tens
     return torch.cat([(torch.cdist(query[i : i + b], points) <= radii).any(dim=1) for i in range(0, len(query), b)])
 
 
-def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = NEIGHBOURS) -> tuple[float, float]:
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = NEIGHBOURS,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): precision is the share of fake rows
     inside the real set's k-NN manifold, recall the share of real rows inside the fake set's. Each
-    side needs more than k rows."""
+    side needs more than k rows. real_radii: kth_neighbour_radii(real, k) when known (the reference
+    side keeps them: for 50,000 real images they are the largest part of the work)."""
     if min(len(fake), len(real)) <= k:
         raise ValueError(f"precision and recall with k={k} need more than {k} feature vectors on each side, "
                          f"got {len(fake)} and {len(real)}")
     f, r = fake.double(), real.double()
-    precision = inside_manifold(f, r, kth_neighbour_radii(r, k)).double().mean()
+    radii = kth_neighbour_radii(r, k) if real_radii is None else real_radii.double()
+    precision = inside_manifold(f, r, radii).double().mean()
     recall = inside_manifold(r, f, kth_neighbour_radii(f, k)).double().mean()
     return float(precision), float(recall)
