@@ -151,16 +151,17 @@ def accuracy(data: Path, work: Path, n: int) -> dict:
 
 def speed(data: Path, work: Path) -> dict:
     """10,000 images (the MNIST folder itself, 28x28) against a cached real side (the first half)."""
-    real, cache = work / "real-half", str(work / "cache")
+    real, cache = work / "real-half", str(work / "cache-speed")
     if not real.exists():
         link_half(data, real, 0)
-    warm, warm_s = run_eval(str(data), "--real", str(real), "--cache", cache, "--features", "auto")  # fills the cache
+    # a cold run first: it trains the classifier and extracts the real side into an empty cache
+    warm, warm_s = run_eval(str(data), "--real", str(real), "--cache", cache, "--features", "auto")
     rec, seconds = run_eval(str(data), "--real", str(real), "--cache", cache, "--features", "auto")
     assert rec["real_cached"], "the second run should read the real side from the cache"
     print(f"  eval of {rec['n_samples']} images against a cached real side of {rec['n_real']}: {seconds:.1f} s "
-          f"as a whole process (target < 120 s); first run {warm_s:.1f} s", flush=True)
+          f"as a whole process (target < 120 s); the first, cold run {warm_s:.1f} s", flush=True)
     return {"n_samples": rec["n_samples"], "n_real": rec["n_real"], "seconds": round(seconds, 1),
-            "first_run_seconds": round(warm_s, 1), "target": "< 120 s", "met": seconds < 120,
+            "cold_run_seconds": round(warm_s, 1), "target": "< 120 s", "met": seconds < 120,
             "images": "MNIST 28x28 grayscale PNGs (resized to 32x32 for the auto network)"}
 
 
