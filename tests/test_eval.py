@@ -277,14 +277,18 @@ def test_inception_needs_a_weights_file_and_never_downloads(folders, tmp_path, m
 def test_wrong_and_truncated_inception_weights(folders, tmp_path):
     real, samples = folders
     garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"\x80\x02" + b"x" * 100)  # serialised Python objects: never loaded
+    garbage.write_bytes(b"\x80\x02" + b"x" * 100)
     failed(diffcli("eval", samples, "--real", real, "--inception-weights", garbage, "--cache", tmp_path), 4,
-           "is not an Inception-v3 weights file", "serialised Python objects")
+           "is not an Inception-v3 weights file", "a torch.save file that is not plain tensors")
     truncated = tmp_path / "truncated.pth"
     torch.save({"a": torch.zeros(3)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:60])
     failed(diffcli("eval", samples, "--real", real, "--inception-weights", truncated, "--cache", tmp_path), 4,
-           "a zip archive torch cannot read as tensors")
+           "is not an Inception-v3 weights file")
+    png = tmp_path / "image.png"
+    Image.new("RGB", (4, 4)).save(png)
+    failed(diffcli("eval", samples, "--real", real, "--inception-weights", png, "--cache", tmp_path), 4,
+           "neither a torch .pth nor a safetensors file")
     nan = tmp_path / "nan.safetensors"
     from safetensors.torch import save_file
 
@@ -340,6 +344,10 @@ def test_inception_features_with_random_weights(tmp_path, toy_image_folder):
     state = random_inception_state()
     weights = tmp_path / "random.safetensors"
     save_file(state, str(weights))
+    pth = tmp_path / "random.pth"
+    torch.save(state, pth)  # torch-fidelity's own file is a torch.save file: read without running it
+    from_pth = features.inception(str(pth), torch.device("cpu"))
+    assert from_pth.digest == features.weights_digest(state, "inception-v3-compat|pil-bicubic-uint8")
     real = toy_image_folder(classes=(), per_class=2, seed=0)
     samples = toy_image_folder(classes=(), per_class=2, seed=1)
     rec = result_of(diffcli("eval", samples, "--real", real, "--inception-weights", weights, "--cache", tmp_path, "--json"))

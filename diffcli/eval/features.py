@@ -246,9 +246,9 @@ def inception_weights_path(given: str | None) -> Path:
 
 
 def read_inception_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file: torch-fidelity's .pth (a zip of tensors, read by torch.load with
-    weights_only=True, which only rebuilds tensors and plain containers and runs no code from the
-    file) or a .safetensors conversion of it. InputError (exit 4) for anything else."""
+    """The tensors of a weights file: torch-fidelity's .pth (a torch.save file, read by
+    diffcli.eval.torchfile, which decodes it without running it) or a .safetensors conversion of it.
+    InputError (exit 4) for anything else."""
     if not path.exists():
         raise InputError(f"Inception weights not found: {path} (the public file is {INCEPTION_FILE}, {INCEPTION_URL})")
     if not path.is_file():
@@ -259,11 +259,15 @@ def read_inception_weights(path: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise InputError(f"cannot read Inception weights {path}: {e.strerror or e}") from None
     bad = f"{path} is not an Inception-v3 weights file ({{}}); the expected file is {INCEPTION_FILE}"
-    if head[:4] == b"PK\x03\x04":  # a torch.save zip archive
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch.save file: zip archive, or the older stream
+        from diffcli.eval import torchfile
+
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 (truncated or foreign archives raise many types)
-            raise InputError(bad.format(f"a zip archive torch cannot read as tensors: {type(e).__name__}")) from None
+            state = torchfile.read(path)
+        except torchfile.NotTensors as e:
+            raise InputError(bad.format(f"a torch.save file that is not plain tensors: {e}")) from None
+        except OSError as e:
+            raise InputError(f"cannot read Inception weights {path}: {e.strerror or e}") from None
     else:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -271,8 +275,7 @@ def read_inception_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            kind = "serialised Python objects, not a torch zip archive" if head[:1] == b"\x80" else "neither a torch .pth nor a safetensors file"
-            raise InputError(bad.format(f"{kind}: {type(e).__name__}")) from None
+            raise InputError(bad.format(f"neither a torch .pth nor a safetensors file: {type(e).__name__}")) from None
     if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise InputError(bad.format("it does not hold a mapping of names to tensors"))
     for name, t in state.items():
