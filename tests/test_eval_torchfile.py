@@ -1,7 +1,6 @@
 """diffcli.eval.torchfile: torch.save files read as tensors without running them."""
 
 import os
-import sys
 
 import pytest
 import torch

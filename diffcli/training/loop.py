@@ -113,7 +113,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps) and d.main:
                 png = run.samples / f"step_{step:07d}.png"
                 preview(learner.ema, learner.schedule, cfg, data.class_names, png, device)
-            if evaluation is not None and evaluation.due(step):
+            if evaluation is not None and evaluation.due(step) and not stop_now:  # a stop is not kept waiting
                 rec = evaluation(step, learner.ema, learner.schedule)
                 meter.t_window += rec["eval_seconds"]  # images/s counts training time only
             if stop_now:
