@@ -51,14 +51,20 @@ demo: install
 # Speed against diffusers and the machine's matmul peak: a table, and benchmarks/results.json.
 # About 10-15 minutes on 2 CPU cores; BENCH_FLAGS=--quick for a smoke run. The `bench` extra
 # (diffusers) goes into the venv next to the torch already there, which pip keeps.
+# Then the targets of `diffcli eval` (benchmarks/eval_bench.py, benchmarks/eval_results.json; about
+# 10 minutes; needs the MNIST folder DATA, else only its correctness part runs). torch-fidelity goes in
+# with --no-deps: its torchvision requirement would replace the CPU torch (pip resolves torch 2.14.1
+# with CUDA and torchvision 0.29.1), and diffcli and this comparison use none of torchvision.
 BENCH_FLAGS ?=
 BENCH_STAMP := $(VENV)/.diffcli-bench-installed
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q --no-deps 'torch-fidelity>=0.3' tqdm
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py $(BENCH_FLAGS)
+	$(PY) benchmarks/eval_bench.py $(if $(wildcard $(DATA)),--data $(DATA),--parts correctness)
 
 # The shipped model: the exact recipe of weights/README.md. The run folder lives outside the
 # repository and `--resume auto` continues an interrupted run. About 9 hours on a 2-core CPU

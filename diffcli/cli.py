@@ -188,6 +188,62 @@ def info(
 
 
 # --------------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_(
+    samples: Path = typer.Argument(..., metavar="SAMPLES", help="A folder of images, or a model file (.safetensors) to sample first."),
+    real: Path = typer.Option(..., "--real", help="The folder of real images; class subfolders give class accuracy."),
+    features: Optional[str] = typer.Option(None, "--features", help="auto (a classifier diffcli trains on REAL) or inception (FID Inception-v3).", show_default="inception when a weights file is set, else auto"),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth or a .safetensors of it (or $DIFFCLI_INCEPTION_WEIGHTS)."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="SAMPLES a model file: images to draw with its defaults.", show_default="1000"),
+    seed: int = typer.Option(0, "--seed", help="SAMPLES a model file: base seed (image i gets seed+i)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="SAMPLES a model file: images per forward batch."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Folder of cached real-side features and classifiers.", show_default="$XDG_CACHE_HOME/diffcli/eval or ~/.cache/diffcli/eval"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.", show_default="the CPUs this process may use"),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
+    json_out: bool = typer.Option(False, "--json", help="Print one `result` record (JSON Lines) instead of the table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
+) -> None:
+    """Measure a model's samples against real images: FID, KID, precision/recall and class accuracy."""
+    from diffcli.progress import Progress
+
+    def job():
+        from diffcli.eval.evaluate import EvalOptions, evaluate
+
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        opts = EvalOptions(samples=str(samples), real=str(real), features=features,
+                           inception_weights=str(inception_weights) if inception_weights else None,
+                           num_images=num_images, seed=seed, batch_size=batch_size,
+                           cache=str(cache) if cache else None, device=device)
+        with Progress("evaluating", quiet=quiet, log_every=log_every, json_command="eval" if json_out else None) as bar:
+            return evaluate(opts, log=bar.log, progress=lambda i, n, task: bar.update(i, n, task=task))
+
+    result = run_core(job, "eval" if json_out else None)
+    if json_out:
+        from diffcli.records import emit
+
+        emit("eval", "result", **result.to_dict())
+    else:
+        from diffcli.eval.report import tables
+        from diffcli.progress import console
+
+        out = console()
+        for table in tables(result):
+            out.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
 # sample
 # --------------------------------------------------------------------------------------------------
 
@@ -314,6 +370,9 @@ def train(
     resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events (needs tensorboard)."),
     save_dtype: str = typer.Option("fp32", "--save-dtype", help="Weights in model.safetensors: fp32, or fp16 (half the size)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Every K steps, FID/KID/accuracy of EMA samples against --eval-real (0: never)."),
+    eval_real: Optional[Path] = typer.Option(None, "--eval-real", help="Folder of real images for --eval-every."),
+    eval_images: int = typer.Option(1000, "--eval-images", help="Samples per --eval-every evaluation."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
     json_out: bool = typer.Option(False, "--json", help="JSON Lines: a summary record on stdout, progress records on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
@@ -333,6 +392,7 @@ def train(
         precision=precision, compile=compile_, seed=seed, device=device, num_workers=num_workers,
         checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, metrics_every=metrics_every,
         resume=resume, tensorboard=tensorboard, save_dtype=save_dtype,
+        eval_every=eval_every, eval_real=str(eval_real) if eval_real else None, eval_images=eval_images,
     )
 
     def job() -> None:
@@ -356,6 +416,8 @@ def train(
         else:
             print(f"model: {result.model_path}\nrun: {result.run_dir}\nsteps: {result.steps}  "
                   f"loss: {result.final_loss:.4f}  {result.images_per_second:.0f} img/s  {result.seconds:.0f} s")
+            if result.best_fid is not None:
+                print(f"best FID: {result.best_fid:.4f} at step {result.best_fid_step}")
 
     run_core(job, "train" if json_out else None)
 

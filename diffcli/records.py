@@ -37,10 +37,18 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     },
     "train": {
         "progress": _PROGRESS,
-        "summary": (("model_path", "run_dir", "steps", "resumed_from", "final_loss", "seconds", "images_per_second"), ()),
+        "summary": (("model_path", "run_dir", "steps", "resumed_from", "final_loss", "seconds", "images_per_second"),
+                    ("best_fid", "best_fid_step")),
         "error": _ERROR,
     },
     "info": {kind: (_INFO, ("tuned", "training")) for kind in ("model", "checkpoint")} | {"error": _ERROR},
+    "eval": {
+        "result": (("fid", "kid_mean", "kid_std", "precision", "recall", "accuracy", "per_class_accuracy", "features",
+                    "n_samples", "n_real", "kid_subsets", "kid_subset_size", "neighbours", "samples", "real",
+                    "model_hash", "seed", "classifier_accuracy", "real_cached", "seconds"), ()),
+        "progress": _PROGRESS,
+        "error": _ERROR,
+    },
     "inspect-schedule": {
         "sampling": (("steps", "spacing", "sampler", "sigmas", "nfe", "timesteps", "step_sigmas"), ()),
         "schedule": (("schedule", "terminal_snr_db", "snr_below_0db_from_t"), ()),

@@ -67,6 +67,10 @@ class TrainConfig:
     resume: str = "auto"
     tensorboard: bool = False
     save_dtype: str = "fp32"  # weights in model.safetensors: fp32, or fp16 for half the size
+    # evaluation while training (diffcli/training/evaluation.py); off by default
+    eval_every: int = 0  # steps between evaluations; 0: never
+    eval_real: str | None = None  # folder of real images to measure the EMA model's samples against
+    eval_images: int = 1000  # samples per evaluation
 
     # options that define what is trained: they must match when resuming
     IDENTITY = (
@@ -116,6 +120,10 @@ class TrainConfig:
         need(self.keep_last >= 1, "--keep-last must be >= 1")
         need(self.num_workers >= 0, "--num-workers must be >= 0")
         need(self.save_dtype in ("fp32", "fp16"), "--save-dtype must be fp32 or fp16")
+        need(self.eval_every >= 0, "--eval-every must be >= 0 (0: never)")
+        need(not self.eval_every or self.eval_real, "--eval-every needs --eval-real DIR, the real images to measure against")
+        need(not self.eval_real or self.eval_every, "--eval-real needs --eval-every K")
+        need(2 <= self.eval_images <= 100_000, f"--eval-images must be between 2 and 100000, got {self.eval_images}")
         need(not (self.zero_terminal_snr and self.prediction == "epsilon"),
              "--zero-terminal-snr needs --prediction v (epsilon cannot be sampled at alpha_bar = 0)")
         H, W = parse_resolution(self.resolution)

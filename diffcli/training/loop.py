@@ -35,6 +35,8 @@ class TrainResult:
     final_loss: float
     seconds: float
     images_per_second: float
+    best_fid: float | None = None  # with --eval-every: the lowest FID so far, and its step
+    best_fid_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +63,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     warmup_note = cfg.resolve_warmup()  # said once the data and model are known to be fine
 
     data = _load_data(cfg, run, d, H, W, log, decode_progress)
+    evaluation = None
+    if cfg.eval_every and d.main:  # the real side, once, before the run starts (a bad --eval-real fails now)
+        from diffcli.training.evaluation import EvalHook
+
+        evaluation = EvalHook.prepare(cfg, data.class_names, run.metrics, device, log)
     mcfg = preset_config(cfg.model, image_height=H, image_width=W, in_channels=data.pixels.shape[1],
                          num_classes=len(data.class_names), learn_sigma=cfg.learn_sigma, long_skip=cfg.long_skip)
     learner = Learner.build(cfg, mcfg, d, device, resumed)
@@ -75,6 +82,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     if d.main:
         run.start({"train": cfg.to_dict(), **summary}, started, resumed.step)
     tb = _tensorboard(cfg, run) if d.main else None
+    if evaluation is not None:
+        evaluation.tb = tb
     batches = Batches(cfg, data, d.rank, d.world, device)
     saver = Checkpointer(run, cfg, data, mcfg, learner.schedule)
 
@@ -104,6 +113,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps) and d.main:
                 png = run.samples / f"step_{step:07d}.png"
                 preview(learner.ema, learner.schedule, cfg, data.class_names, png, device)
+            if evaluation is not None and evaluation.due(step) and not stop_now:  # a stop is not kept waiting
+                rec = evaluation(step, learner.ema, learner.schedule)
+                meter.t_window += rec["eval_seconds"]  # images/s counts training time only
             if stop_now:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run.checkpoints} "
                                   f"(resume with --resume auto)")
@@ -111,7 +123,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     secs = time.perf_counter() - t_start
     done = step - resumed.step
     return TrainResult(str(run.model), str(run.root), step, resumed.step, meter.last_loss, round(elapsed(), 2),
-                       round(done * cfg.batch_size / max(secs, 1e-9), 2))
+                       round(done * cfg.batch_size / max(secs, 1e-9), 2), **(evaluation.best() if evaluation else {}))
 
 
 def _load_data(cfg: TrainConfig, run: RunDir, d: Dist, H: int, W: int, log: Callable[[str], None],
