@@ -1,6 +1,7 @@
 """diffcli eval: tiny folders and tiny models, the statistics cache and its invalidation, bad input."""
 
 import json
+import os
 import zipfile
 
 import pytest
@@ -278,7 +279,7 @@ def test_wrong_and_truncated_inception_weights(folders, tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x80\x02" + b"x" * 100)
     failed(diffcli("eval", samples, "--real", real, "--inception-weights", garbage, "--cache", tmp_path), 4,
-           "is not an Inception-v3 weights file", "a torch.save file that is not plain tensors")
+           "is not an Inception-v3 weights file", "a torch.save file the weights-only loader refuses")
     truncated = tmp_path / "truncated.pth"
     torch.save({"a": torch.zeros(3)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:60])
@@ -294,6 +295,41 @@ def test_wrong_and_truncated_inception_weights(folders, tmp_path):
     save_file({"fc.weight": torch.full((2, 2), float("nan"))}, str(nan))
     failed(diffcli("eval", samples, "--real", real, "--inception-weights", nan, "--cache", tmp_path), 4, "NaN")
     assert not list(tmp_path.glob("*-*.safetensors"))
+
+
+class Runs:
+    """An object whose deserialisation would run a command (creating a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zip_layout", [True, False], ids=["zip", "legacy"])
+def test_torch_save_weights_are_read_as_tensors_and_nothing_else(tmp_path, zip_layout):
+    g = torch.Generator().manual_seed(0)
+    state = {"conv.weight": torch.randn(4, 3, 3, 3, generator=g), "bn.num_batches_tracked": torch.tensor(7),
+             "half": torch.randn(3, generator=g).half(), "t": torch.randn(3, 5, generator=g).T}
+    torch.save(state, tmp_path / "w.pth", _use_new_zipfile_serialization=zip_layout)
+    got = features.read_inception_weights(tmp_path / "w.pth")
+    assert list(got) == list(state) and all(torch.equal(got[k], state[k]) for k in state)
+    # a file that would run a command when read: refused, and the command never ran
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(2), "x": Runs(marker)}, tmp_path / "evil.pth", _use_new_zipfile_serialization=zip_layout)
+    with pytest.raises(InputError, match="weights-only loader refuses"):
+        features.read_inception_weights(tmp_path / "evil.pth")
+    assert not marker.exists()
+    for name, obj in (("list.pth", {"w": [1, 2]}), ("bare.pth", torch.zeros(3))):
+        torch.save(obj, tmp_path / name, _use_new_zipfile_serialization=zip_layout)
+        with pytest.raises(InputError, match="mapping of names to tensors"):
+            features.read_inception_weights(tmp_path / name)
+    # a stride-0 view of 2^40 elements over one stored value would take terabytes once copied
+    huge = torch.zeros(1).as_strided((2**40,), (0,))
+    torch.save({"w": huge}, tmp_path / "huge.pth", _use_new_zipfile_serialization=zip_layout)
+    with pytest.raises(InputError, match="larger than the data stored for it"):
+        features.read_inception_weights(tmp_path / "huge.pth")
 
 
 def test_inception_without_the_extra_says_how_to_install_it(folders, tmp_path, monkeypatch):

@@ -3,7 +3,6 @@
     metrics.py      FID, KID, precision/recall: pure functions of feature matrices, in float64
     classifier.py   the `auto` feature network: a small CNN trained on the real folder itself
     features.py     images -> features: clean-fid-style resizing, the auto network, torch-fidelity's Inception-v3
-    torchfile.py    torch.save files (the public Inception weights) read as tensors without running them
     cache.py        the real side's features and statistics and the trained classifier, cached and validated
     evaluate.py     evaluate(): SAMPLES (a folder, or a model file to sample) against REAL; the Evaluator
                     that training prepares once and calls every --eval-every steps

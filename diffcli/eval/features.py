@@ -246,9 +246,9 @@ def inception_weights_path(given: str | None) -> Path:
 
 
 def read_inception_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file: torch-fidelity's .pth (a torch.save file, read by
-    diffcli.eval.torchfile, which decodes it without running it) or a .safetensors conversion of it.
-    InputError (exit 4) for anything else."""
+    """The tensors of a weights file: torch-fidelity's .pth (a torch.save file, read by torch's own
+    weights-only loader, which builds tensors and plain containers and refuses anything else, so
+    nothing in the file runs) or a .safetensors conversion of it. InputError (exit 4) otherwise."""
     if not path.exists():
         raise InputError(f"Inception weights not found: {path} (the public file is {INCEPTION_FILE}, {INCEPTION_URL})")
     if not path.is_file():
@@ -260,14 +260,13 @@ def read_inception_weights(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"cannot read Inception weights {path}: {e.strerror or e}") from None
     bad = f"{path} is not an Inception-v3 weights file ({{}}); the expected file is {INCEPTION_FILE}"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch.save file: zip archive, or the older stream
-        from diffcli.eval import torchfile
-
         try:
-            state = torchfile.read(path)
-        except torchfile.NotTensors as e:
-            raise InputError(bad.format(f"a torch.save file that is not plain tensors: {e}")) from None
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except OSError as e:
             raise InputError(f"cannot read Inception weights {path}: {e.strerror or e}") from None
+        except Exception as e:  # noqa: BLE001 (the weights-only loader's refusals and a damaged archive alike)
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise InputError(bad.format(f"a torch.save file the weights-only loader refuses: {first}")) from None
     else:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -279,6 +278,9 @@ def read_inception_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise InputError(bad.format("it does not hold a mapping of names to tensors"))
     for name, t in state.items():
+        if t.numel() and t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            # e.g. a stride-0 view of 2^40 elements over one stored value: a clone would take terabytes
+            raise InputError(bad.format(f"tensor {name[:120]} is larger than the data stored for it"))
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InputError(f"{path}: tensor {name[:120]} holds NaN or infinite values")
     return state
