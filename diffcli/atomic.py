@@ -2,14 +2,20 @@
 
 Write to a temporary file in the destination folder, fsync it, then publish it by rename
 (overwrite) or by hard link (exclusive create: fails if the name exists, even when two processes race).
+Ctrl-C and SIGTERM wait for a write in progress, so they never leave its temporary file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from diffcli.errors import DiffcliError, OutputExistsError
 
@@ -27,10 +33,43 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then their handlers run as usual, so a stop
+    cannot land between creating the temporary file and publishing or removing it. (Python runs
+    signal handlers in the main thread, whichever thread the signal reached, so swapping the
+    handlers holds them reliably; elsewhere nothing is held.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, Any]] = []
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: installed outside Python, cannot be put back
+            old[sig] = signal.signal(sig, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if pending:
+            signum, frame = pending[0]
+            handler = old[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)  # the default action, now that the file is whole
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> bool:
     """Write data to path atomically. With overwrite=False an existing file is kept and
     OutputExistsError is raised (exit code 3). Returns True when written."""
-    path = Path(path)
+    with _stop_signals_held():
+        return _write_bytes(Path(path), data, overwrite)
+
+
+def _write_bytes(path: Path, data: bytes, overwrite: bool) -> bool:
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
