@@ -2,7 +2,7 @@
 
 Runs the sample job itself (diffcli.generate.run, as `diffcli sample` does) on digits of the MNIST
 folder with the shipped model and its defaults (dpm++2m, 15 steps, edm sigmas, guidance 1.5), and
-measures the targets of issue #19 with the small CNN classifier of benchmarks/mnist_eval.py:
+measures the targets of issue #19 with the classifier `diffcli eval` trains on the folder (diffcli.eval.classifier):
 
   inpainting   a 12x12 centre square of each digit redrawn (--mask, strength 1), guided by the digit's
                own class and by another class ((y + 1) % 10): pixels outside the mask that differ from
@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from diffcli import generate  # noqa: E402
 from diffcli.data import load_folder  # noqa: E402
-from mnist_eval import train_classifier  # noqa: E402
+from diffcli.eval import classifier  # noqa: E402
+from diffcli.eval.features import prepare, tensor_image  # noqa: E402
 
 MASK_BOX = (8, 20)  # rows and columns 8..19: the 12x12 centre square of 28x28
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -82,9 +83,22 @@ def run_job(label: str, out: Path, **options) -> tuple[torch.Tensor, float]:
     return read([r["path"] for r in sorted(recs, key=lambda r: r["index"])]), seconds
 
 
+def at_net_size(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 1, 28, 28) -> uint8 (N, 1, 32, 32), resized as `diffcli eval` resizes (PIL bicubic)."""
+    return torch.stack([prepare(tensor_image(im), classifier.SIZE, 1) for im in images])
+
+
+def train_classifier(pixels: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+    """diffcli eval's auto classifier trained on the folder (as `diffcli eval --real` trains it), its
+    accuracy on its held-out tenth, and the indices of that tenth (the same seeded draw train() makes)."""
+    trained = classifier.train(at_net_size(pixels), labels, 10, seed=seed)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    return trained.net, trained.accuracy, order[: int(len(labels) * classifier.HOLD_OUT)]
+
+
 @torch.no_grad()
 def predict(net, images: torch.Tensor) -> torch.Tensor:
-    return net(images.float() / 255).argmax(1)
+    return net(classifier.to_input(at_net_size(images))).argmax(1)
 
 
 def main() -> None:
@@ -103,8 +117,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     s = load_folder(a.data, (28, 28), channels="1")
-    x, y = s.pixels.float() / 255.0, s.labels
-    net, clf_acc, held, _ = train_classifier(x, y, torch.device("cpu"), cache=str(work / "classifier.safetensors"))
+    y = s.labels
+    net, clf_acc, held = train_classifier(s.pixels, y)
     idx = pick(y, held, a.n // 10)
     digits, labels = s.pixels[idx], y[idx]  # (n, 1, 28, 28) uint8, (n,)
     other = (labels + 1) % 10
