@@ -10,7 +10,7 @@ diffcli is faster, except in the peak figures where it is the fraction of the ma
      against diffusers.DiTTransformer2DModel with the same depth, width, heads and patch (it has no
      long skips: the closest configuration, with slightly less work than diffcli's).
   2. end-to-end sampling, images/s: DDIM with classifier-free guidance (cond and uncond in one batch),
-     diffcli.samplers.sample against diffusers' DDIMScheduler driving its model in the usual
+     diffcli.diffusion.samplers.sample against diffusers' DDIMScheduler driving its model in the usual
      pipeline-style loop.
   3. training step, images/s: forward + backward + AdamW step at batch 64, diffcli's
      training.losses.diffusion_loss (TrainConfig defaults: v-prediction, Min-SNR weights) against an
@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
-from diffcli.samplers import sample
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.samplers import sample
+from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training import TrainConfig
 from diffcli.training.losses import diffusion_loss
 

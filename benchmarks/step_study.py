@@ -17,12 +17,12 @@ The default reference is heun with Karras sigmas at 250 steps (second order, 499
 at 250 steps is first order and its own error is of the size of the differences being measured (on
 the MNIST model about a quarter of DDIM-50's distance; see it with `--samplers ddim --steps 250`).
 Heun with the default (--spacing) sigmas is no reference for a cosine schedule: its first step spans
-sigma 2e4 -> a few, where the trapezoidal correction is far off (see diffcli.ode.heun).
+sigma 2e4 -> a few, where the trapezoidal correction is far off (see diffcli.diffusion.ode.heun).
 
     python benchmarks/step_study.py --checkpoint weights/diffcli-mnist.safetensors --out runs/steps \\
         --samplers ddim,euler,heun,dpm++2m --steps 5,10,15,20,25,50 --seeds 0..1 --threads 2
 
-A sampler may carry a step schedule: `heun:karras`, `dpm++2m:karras` (see diffcli.ode). On one CPU
+A sampler may carry a step schedule: `heun:karras`, `dpm++2m:karras` (see diffcli.diffusion.ode). On one CPU
 thread the shipped MNIST model (20 images, guidance 1.5) takes about 0.25 s per guided evaluation of
 the batch: 2 minutes for the reference, 2.5 more for the default samplers and steps.
 """
@@ -42,11 +42,11 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffcli import ode
+from diffcli.diffusion import ode
 from diffcli.checkpoint import ModelFile, load_model
 from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
 from diffcli.images import make_grid, save_png, to_pil, to_uint8
-from diffcli.samplers import SAMPLERS, sample
+from diffcli.diffusion.samplers import SAMPLERS, sample
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 from diffcli import __version__, atomic
 from diffcli.errors import InputError
 from diffcli.model import DiT, ModelConfig, state_dict_shapes
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.validate import Invalid, check_names, check_record, check_scalars, describe, parse_json
 from diffcli.validate import field as spec
 

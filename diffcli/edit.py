@@ -39,8 +39,8 @@ from PIL import Image
 from diffcli.data import EXTENSIONS, load_rgb, luma, resize_crop
 from diffcli.errors import InputError, UsageError
 from diffcli.images import from_uint8
-from diffcli.samplers import Level, Start
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.samplers import Level, Start
+from diffcli.diffusion.schedule import NoiseSchedule
 
 DEFAULT_STRENGTH = 0.6  # image-to-image: keep the layout and the broad shapes, redraw the detail
 MASK_STRENGTH = 1.0  # with a mask: the masked region is drawn afresh, the rest comes from the image

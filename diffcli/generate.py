@@ -18,8 +18,8 @@ from diffcli.checkpoint import ModelFile, load_model
 from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
 from diffcli.errors import InputError, OutputExistsError, UsageError
 from diffcli.images import generation_text, make_grid, save_png, to_pil, to_uint8
-from diffcli import ode
-from diffcli.samplers import SAMPLERS, sample
+from diffcli.diffusion import ode
+from diffcli.diffusion.samplers import SAMPLERS, sample
 
 DEFAULT_NAME = "{seed}-{index:04d}.png"
 DEFAULT_EDIT_NAME = "{stem}-{seed}.png"  # --init-image: named after the input image

@@ -104,7 +104,7 @@ def _weights(tensors: dict[str, TensorInfo]) -> tuple[int, str]:
 def sampling_defaults(cfg: ModelConfig, sampling: dict[str, Any]) -> dict[str, Any]:
     """What `diffcli sample --checkpoint FILE` uses with no other flag (the sampler's defaults), from
     a `sampling` record validate_model_file has checked."""
-    from diffcli import ode
+    from diffcli.diffusion import ode
 
     sampler, steps = ode.DEFAULT_SAMPLER, ode.DEFAULT_STEPS
     sigmas = ode.resolve_sigmas(sampler, "auto")

@@ -2,7 +2,7 @@
 or a plot.
 
 Every number comes from NoiseSchedule (float64); this module only chooses which timesteps to show and
-formats them. Columns, in the paper notation of diffcli.schedule:
+formats them. Columns, in the paper notation of diffcli.diffusion.schedule:
     beta        beta_t
     alpha_bar   alpha_bar_t, the fraction of signal variance left in x_t
     sqrt_alpha_bar, sqrt_one_minus_alpha_bar
@@ -10,7 +10,7 @@ formats them. Columns, in the paper notation of diffcli.schedule:
     snr_db      10 log10 SNR_t; -inf where alpha_bar_t = 0 (zero terminal SNR)
     sigma       sqrt((1 - alpha_bar_t) / alpha_bar_t); inf where alpha_bar_t = 0
 
-With --sampler naming an ODE sampler (diffcli.ode) the rows are the noise levels it steps from, which
+With --sampler naming an ODE sampler (diffcli.diffusion.ode) the rows are the noise levels it steps from, which
 with --sigmas karras lie between timesteps: such a row has a fractional t (log sigma interpolated over
 the table, as the sampler queries the model), alpha_bar = 1 / (1 + sigma^2) and beta interpolated
 linearly in t.
@@ -26,10 +26,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from diffcli import images, ode, plot
+from diffcli import images, plot
+from diffcli.diffusion import ode
 from diffcli.errors import OutputExistsError, UsageError
-from diffcli.samplers import SAMPLERS
-from diffcli.schedule import NoiseSchedule, ScheduleSpec
+from diffcli.diffusion.samplers import SAMPLERS
+from diffcli.diffusion.schedule import NoiseSchedule, ScheduleSpec
 
 TABLE_ROWS = 11  # rows of the table when neither --rows nor --steps is given
 DB = 10 / math.log(10)  # 10 log10(x) = DB * ln(x): log-SNR in decibels

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import diffcli
 from diffcli.checkpoint import MODEL_FORMAT, load_model, read_schedule, save_model, write
 from diffcli.errors import InputError
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule("cosine", 500)
 CLASSES = ["cat", "dog", "fish"]

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffcli.cli import app
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()
 
@@ -151,7 +151,7 @@ def test_steps_show_the_visited_timesteps():
     assert [(r["kind"], r["t"]) for r in rows] == [("row", t) for t in range(999, 18, -20)]
 
     # without --sampler: sample's default, dpm++2m with edm sigmas (a jump from sigma_max to 80, then Karras)
-    from diffcli import ode
+    from diffcli.diffusion import ode
 
     result = inspect("--steps", "6", "--json")
     assert result.exit_code == 0, result.output

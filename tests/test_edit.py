@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli import edit, generate, ode, records
+from diffcli import edit, generate, records
+from diffcli.diffusion import ode
 from diffcli.checkpoint import save_model
 from diffcli.cli import app
 from diffcli.images import from_uint8, read_png_text
-from diffcli.samplers import ImageNoise, Level, Start, ddpm_level, renoise, sample
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.samplers import ImageNoise, Level, Start, ddpm_level, renoise, sample
+from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()
 COSINE = NoiseSchedule("cosine", 1000)
@@ -231,7 +232,7 @@ def test_resample_takes_every_step_but_the_last_r_times(sampler, resample, nfe):
 def correlated_pair_model(schedule: NoiseSchedule, rho: float):
     """The exact model for x0 ~ N(0, [[1, rho], [rho, 1]]) over an image of two pixels, as eps: in the VE view
     x = x0 + sigma n, E[x0 | x] = Sigma (Sigma + sigma^2 I)^-1 x, at the (fractional) timestep's sigma
-    (log sigma interpolated over the table, as diffcli.ode queries it)."""
+    (log sigma interpolated over the table, as diffcli.diffusion.ode queries it)."""
     cov = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
     log_sig = schedule.sigmas.log()
 

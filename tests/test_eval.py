@@ -15,7 +15,7 @@ from diffcli.cli import app
 from diffcli.errors import InputError
 from diffcli.eval import cache as eval_cache
 from diffcli.eval import features
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()
 

@@ -26,7 +26,7 @@ from diffcli import atomic, checkpoint
 from diffcli.checkpoint import load_model, save_model
 from diffcli.cli import app, main
 from diffcli.images import read_png_text
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training import loop
 from diffcli.training.rundir import trim_metrics
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from diffcli.checkpoint import save_model
 from diffcli.cli import app
 from diffcli.images import read_png_text
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()
 CLASSES = ["cat", "dog", "fish"]

@@ -41,7 +41,7 @@ from diffcli.errors import InputError
 from diffcli.images import generation_text, read_png_text
 from diffcli.info import describe
 from diffcli.model import ModelConfig
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 from fuzzing import (
     JSON_TOKENS, MEMORY_MEASURED, REMOVE, SEED, VALUES, Mutant, count, header_mutants, metadata_mutants, pack, random_mutants, run_mutant, split, tensor_mutants,
@@ -491,9 +491,9 @@ def test_from_png_record_mutants(tmp_path):
     """Every field of the record removed or set to each VALUES entry, and random edits of its JSON
     text: recorded_parameters returns checked values (types and ranges as sample needs them) or
     refuses with one line; nothing else."""
-    from diffcli import ode
+    from diffcli.diffusion import ode
     from diffcli.generate import recorded_parameters
-    from diffcli.samplers import SAMPLERS
+    from diffcli.diffusion.samplers import SAMPLERS
 
     good = {"seed": 7, "steps": 15, "sampler": "dpm++2m", "guidance": 1.5, "model_hash": "2fdb805a99",
             "class": "7", "sigmas": "edm", "clip": True, "precision": "fp32", "width": 28, "nfe": 15}

@@ -24,7 +24,7 @@ from diffcli.checkpoint import save_model
 from diffcli.cli import app
 from diffcli.info import describe
 from diffcli.model import DiT, ModelConfig, preset_config
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""The ODE samplers (diffcli.ode) against a problem whose answer is known in closed form.
+"""The ODE samplers (diffcli.diffusion.ode) against a problem whose answer is known in closed form.
 
 Toy data: x0 ~ N(mu, s^2) per pixel. In the VE view x = x0 + sigma n the ideal denoiser is
     D(x; sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) (x - mu)
@@ -10,7 +10,7 @@ to (the true x(0) differs from it by O(sigma_min^2 / s^2), about 2e-4 here).
 
 The toy is wrapped as the DDPM model the samplers query, f(x_t, t, y) -> eps or v: it finds sigma_t
 by interpolating log sigma over the schedule's table at the (fractional) t it is given, written here
-independently of diffcli.ode with numpy.
+independently of diffcli.diffusion.ode with numpy.
 """
 
 import math
@@ -21,11 +21,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffcli import ode
+from diffcli.diffusion import ode
 from diffcli.cli import app
 from diffcli.errors import UsageError
-from diffcli.samplers import ImageNoise, sample
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.samplers import ImageNoise, sample
+from diffcli.diffusion.schedule import NoiseSchedule
 
 LINEAR = NoiseSchedule("linear", 1000)
 COSINE = NoiseSchedule("cosine", 1000)
@@ -396,7 +396,7 @@ def test_inspect_schedule_bad_sampler_options_exit_2(args, message):
 
 
 def test_edm_sigmas_jump_from_sigma_max_to_80_then_karras():
-    from diffcli.ode import EDM_SIGMA_MAX, karras_sigmas, nfe, sigma_max, step_sigmas
+    from diffcli.diffusion.ode import EDM_SIGMA_MAX, karras_sigmas, nfe, sigma_max, step_sigmas
 
     s = NoiseSchedule("cosine", 1000)
     sig = step_sigmas(s, 15, sigmas="edm")

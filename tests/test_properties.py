@@ -24,7 +24,7 @@ from diffcli.checkpoint import save_model
 from diffcli.cli import app
 from diffcli.data import load_folder
 from diffcli.errors import DiffcliError
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 EXIT_CODES = {0, 1, 2, 3, 4, 130}
 CLASSES = ["cat", "dog", "fish"]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from diffcli import records
 from diffcli.checkpoint import save_model
 from diffcli.cli import app
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from diffcli.checkpoint import save_model
 from diffcli.cli import main
 from diffcli.data import load_folder
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 DIGITS = [str(i) for i in range(10)]
 

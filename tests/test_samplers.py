@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from diffcli.errors import UsageError
-from diffcli.samplers import ddim_step, ddpm_step, guided, predict_eps_x0, sample
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.samplers import ddim_step, ddpm_step, guided, predict_eps_x0, sample
+from diffcli.diffusion.schedule import NoiseSchedule
 
 LINEAR = NoiseSchedule("linear", 1000)
 COSINE = NoiseSchedule("cosine", 1000)
@@ -36,7 +36,7 @@ def t64(a: np.ndarray) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Closed forms, written independently of diffcli.samplers
+# Closed forms, written independently of diffcli.diffusion.samplers
 # --------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffcli.errors import UsageError
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 T = 1000
 B0, B1 = 1e-4, 0.02

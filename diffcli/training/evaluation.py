@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 import torch
 
-from diffcli import atomic, ode
+from diffcli import atomic
+from diffcli.diffusion import ode
 from diffcli.eval.evaluate import Evaluator, resolve_features
 from diffcli.images import to_uint8
 from diffcli.model import DiT
-from diffcli.samplers import sample
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.samplers import sample
+from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.config import TrainConfig
 
 BATCH = 64  # images per sampling batch

@@ -18,7 +18,7 @@ from diffcli.data import ImageSet, load_folder, parse_resolution
 from diffcli.device import resolve_precision
 from diffcli.errors import DiffcliError, Interrupted, UsageError
 from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.batches import Batch, Batches
 from diffcli.training.config import TrainConfig
 from diffcli.training.distributed import Dist, all_mean, any_rank, process_group
@@ -319,7 +319,7 @@ def preview(ema: DiT, schedule: NoiseSchedule, cfg: TrainConfig, class_names: li
     """A grid from a fixed seed with the EMA weights: one row per class (per_class images each), or
     16 images for an unconditional model."""
     from diffcli.images import make_grid, save_png, to_pil, to_uint8
-    from diffcli.samplers import sample
+    from diffcli.diffusion.samplers import sample
 
     K = len(class_names)
     if K:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.config import TrainConfig
 
 

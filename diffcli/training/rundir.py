@@ -13,7 +13,7 @@ from diffcli import atomic, checkpoint
 from diffcli.data import ImageSet
 from diffcli.errors import InputError, OutputExistsError, UsageError
 from diffcli.model import DiT, ModelConfig
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.config import TrainConfig
 
 

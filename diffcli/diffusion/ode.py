@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from diffcli.errors import UsageError
-from diffcli.samplers import (
+from diffcli.diffusion.samplers import (
     Constraint,
     Denoiser,
     ImageNoise,
@@ -59,7 +59,7 @@ from diffcli.samplers import (
     renoise,
     times,
 )
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm++2m")
 SIGMA_SCHEDULES: tuple[str, ...] = ("karras", "edm")
@@ -219,7 +219,7 @@ class VEDenoiser:
 
 Step = Callable[[int, int], None]
 
-# Each stepper takes an optional Constraint (diffcli.samplers; diffcli.edit's inpainting): after every
+# Each stepper takes an optional Constraint (diffcli.diffusion.samplers; diffcli.edit's inpainting): after every
 # step it puts back what is known at the new level, and each step but the last is taken
 # times(constraint, ...) times, going back up from sigma_n to sigma with _back in between. Without
 # one, `times` is 1 and _known returns x itself, so a plain run does exactly what it did before.

@@ -11,7 +11,7 @@ Every image gets its own CPU torch.Generator seeded with its own seed, and draws
 then each step's noise from it in order, so an image depends only on its seed (not on the batch it is
 in, the number of images around it, or the device).
 
-Editing (diffcli.edit) enters through two small hooks that every loop here and in diffcli.ode takes:
+Editing (diffcli.edit) enters through two small hooks that every loop here and in diffcli.diffusion.ode takes:
 a `Start` (begin from noised images part way down the schedule instead of from pure noise) and a
 `Constraint` (called after every step with the new x, to put back what is known; it may ask for each
 step to be taken several times, going back up by the forward process in between).
@@ -26,7 +26,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from diffcli.errors import UsageError
-from diffcli.schedule import NoiseSchedule
+from diffcli.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -204,7 +204,7 @@ class ImageNoise:
 @dataclass(frozen=True)
 class Level:
     """A noise level as a loop's x holds it: x = a x_0 + s eps. In this module's DDPM view a = sqrt(ab_t),
-    s = sqrt(1 - ab_t); in diffcli.ode's VE view a = 1, s = sigma. Level(1.0, 0.0) is the clean image."""
+    s = sqrt(1 - ab_t); in diffcli.diffusion.ode's VE view a = 1, s = sigma. Level(1.0, 0.0) is the clean image."""
 
     a: float
     s: float
@@ -262,8 +262,8 @@ def renoise(x: torch.Tensor, lower: Level, higher: Level, noise: "ImageNoise") -
 class SampleResult:
     images: torch.Tensor  # (B, C, H, W), model space, about [-1, 1]
     nfe: int  # model evaluations per image (a guided evaluation counts once)
-    timesteps: list[int] | list[float]  # where each step queries the model; fractional for diffcli.ode
-    sigmas: list[float] | None = None  # diffcli.ode: the VE noise levels visited, the last one 0
+    timesteps: list[int] | list[float]  # where each step queries the model; fractional for diffcli.diffusion.ode
+    sigmas: list[float] | None = None  # diffcli.diffusion.ode: the VE noise levels visited, the last one 0
 
 
 def sample(
@@ -293,10 +293,10 @@ def sample(
 
     labels: (B,) class indices (None: unconditional, the null class when the model has one).
     callback(step_index, total_steps) is called after every step (for progress bars).
-    sigmas: the step schedule of the ODE samplers in diffcli.ode (None, 'karras' or 'edm'); not for ddim/ddpm.
+    sigmas: the step schedule of the ODE samplers in diffcli.diffusion.ode (None, 'karras' or 'edm'); not for ddim/ddpm.
     start, constraint: the editing hooks (see Start and Constraint; diffcli.edit builds them).
     """
-    from diffcli import ode
+    from diffcli.diffusion import ode
 
     ode.check_sigmas(sampler, sigmas)
     if sampler not in SAMPLERS:
