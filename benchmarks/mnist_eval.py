@@ -33,7 +33,7 @@ from diffcli.checkpoint import load_model  # noqa: E402
 from diffcli.data import load_folder  # noqa: E402
 from diffcli.eval.evaluate import Evaluator  # noqa: E402
 from diffcli.images import to_uint8  # noqa: E402
-from diffcli.diffusion.samplers import sample  # noqa: E402
+from diffcli.diffusion.registry import sample  # noqa: E402
 
 
 def load_digits(data: str) -> tuple[torch.Tensor, torch.Tensor]:

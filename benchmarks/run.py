@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
-from diffcli.diffusion.samplers import sample
+from diffcli.diffusion.registry import sample
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training import TrainConfig
 from diffcli.training.losses import diffusion_loss

@@ -22,7 +22,10 @@ sigma 2e4 -> a few, where the trapezoidal correction is far off (see diffcli.dif
     python benchmarks/step_study.py --checkpoint weights/diffcli-mnist.safetensors --out runs/steps \\
         --samplers ddim,euler,heun,dpm++2m --steps 5,10,15,20,25,50 --seeds 0..1 --threads 2
 
-A sampler may carry a step schedule: `heun:karras`, `dpm++2m:karras` (see diffcli.diffusion.ode). On one CPU
+A sampler may carry a step schedule: `heun:karras`, `dpm++2m:karras` (see diffcli.diffusion.ode), or `dpm++2m:tuned`,
+the sigmas `diffcli tune` stored in the model file for that sampler and step count (step counts without
+them are skipped); a trailing `+gi` (`dpm++2m:tuned+gi`) also applies the guidance interval stored with
+them. `--real DIR` adds each setting's class accuracy (diffcli eval's classifier of DIR). On one CPU
 thread the shipped MNIST model (20 images, guidance 1.5) takes about 0.25 s per guided evaluation of
 the batch: 2 minutes for the reference, 2.5 more for the default samplers and steps.
 """
@@ -46,7 +49,8 @@ from diffcli.diffusion import ode
 from diffcli.checkpoint import ModelFile, load_model
 from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
 from diffcli.images import make_grid, save_png, to_pil, to_uint8
-from diffcli.diffusion.samplers import SAMPLERS, sample
+from diffcli.diffusion import registry
+from diffcli.diffusion.registry import sample
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,16 @@ class Setting:
     sampler: str
     sigmas: str | None
     steps: int
+    interval: bool = False  # the guidance interval stored with the tuned sigmas
 
     @property
     def name(self) -> str:
-        return self.sampler + (f":{self.sigmas}" if self.sigmas else "")
+        return self.sampler + (f":{self.sigmas}" if self.sigmas else "") + ("+gi" if self.interval else "")
 
     @property
     def file_stem(self) -> str:
-        return f"{self.sampler}{'-' + self.sigmas if self.sigmas else ''}-{self.steps:03d}".replace("+", "p")
+        stem = f"{self.sampler}{'-' + self.sigmas if self.sigmas else ''}{'-gi' if self.interval else ''}"
+        return f"{stem}-{self.steps:03d}".replace("+", "p")
 
 
 @dataclass
@@ -74,6 +80,9 @@ class Result:
     max_rmse: float
     seconds_per_image: float
     grid: str
+    interval: bool = False
+    guided: int = 0  # guided evaluations per image (nfe without a guidance interval)
+    accuracy: float | None = None  # with --real: share of images recognised as their class
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,13 +102,16 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_sampler(token: str) -> tuple[str, str | None]:
-    name, _, sigmas = token.partition(":")
+def parse_sampler(token: str) -> tuple[str, str | None, bool]:
+    interval = token.endswith("+gi")
+    name, _, sigmas = token.removesuffix("+gi").partition(":")
     sigmas = sigmas or None
-    if name not in SAMPLERS + ode.SAMPLERS:
-        raise SystemExit(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS + ode.SAMPLERS)}")
-    ode.check_sigmas(name, sigmas)
-    return name, sigmas
+    if name not in registry.NAMES:
+        raise SystemExit(f"unknown sampler {name!r}; choose from {', '.join(registry.NAMES)}")
+    registry.check_sigmas(name, sigmas)
+    if interval and sigmas != "tuned":
+        raise SystemExit(f"{token}: +gi is the guidance interval stored with tuned sigmas (name:tuned+gi)")
+    return name, sigmas, interval
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,8 +133,19 @@ class Renderer:
         self.seeds = [s for s in seeds for _ in self.classes]  # each row's seed, once per class
         self.labels = None if self.null is None else torch.tensor([c for _ in seeds for c in self.classes])
 
-    def __call__(self, s: Setting) -> tuple[torch.Tensor, int, float]:
-        """(images in [0, 1], float32 CPU, (B, C, H, W); nfe; seconds per image)."""
+    def available(self, s: Setting) -> bool:
+        """False for tuned sigmas the model file lacks (or +gi where the entry has no interval)."""
+        if s.sigmas != "tuned":
+            return True
+        entry = registry.find_tuned(self.mf.tuned, s.sampler, s.steps)
+        return entry is not None and (not s.interval or entry.guidance_interval is not None)
+
+    def __call__(self, s: Setting) -> tuple[torch.Tensor, int, float, int]:
+        """(images in [0, 1], float32 CPU, (B, C, H, W); nfe; seconds per image; guided evaluations)."""
+        sigmas = registry.sigmas_for(s.sigmas, s.sampler, s.steps, self.mf.tuned)
+        interval = None
+        if s.interval:
+            interval = registry.find_tuned(self.mf.tuned, s.sampler, s.steps).guidance_interval
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -130,12 +153,12 @@ class Renderer:
             res = sample(
                 self.denoiser, self.mf.schedule, self.shape, s.steps, s.sampler, seeds=self.seeds, labels=self.labels,
                 null_label=self.null, guidance=self.guidance, prediction=self.mf.prediction, spacing="trailing",
-                clip_x0=1.0, device=self.device, sigmas=s.sigmas,
+                clip_x0=1.0, device=self.device, sigmas=sigmas, guidance_interval=interval,
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / len(self.seeds)
-        return (res.images.float().clamp(-1, 1).cpu() + 1) / 2, res.nfe, seconds
+        return (res.images.float().clamp(-1, 1).cpu() + 1) / 2, res.nfe, seconds, res.guided
 
 
 def grid_image(images01: torch.Tensor, cols: int, scale: int) -> Image.Image:
@@ -153,6 +176,21 @@ def overview(rows: list[tuple[str, torch.Tensor]], scale: int) -> Image.Image:
         draw.text((6, i * line_h + line_h // 2), label, fill="black", anchor="lm")
         out.paste(strip.convert("RGB"), (label_w, i * line_h + 2))
     return out
+
+
+def class_accuracy(real: str, mf: ModelFile, device: torch.device):
+    """A function (images in [0, 1], labels) -> share recognised as their class, by diffcli eval's classifier of REAL."""
+    from diffcli.eval.evaluate import Evaluator
+
+    evaluator = Evaluator.prepare(real, "auto", device=device, want_accuracy=True, log=lambda m: print(m, file=sys.stderr))
+
+    def score(images01: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+        if labels is None:
+            return None
+        pixels = (images01 * 255).round().to(torch.uint8)
+        return evaluator.score_pixels(pixels, [mf.class_names[int(k)] for k in labels]).accuracy
+
+    return score
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -181,7 +219,7 @@ def reference(render: Renderer, s: Setting, out: Path, seeds: list[int]) -> tupl
             meta = f.metadata() or {}
         if all(meta.get(k) == v for k, v in key.items()):
             return load_file(str(path))["images"], float(meta["seconds_per_image"]), True
-    images, _, seconds = render(s)
+    images, _, seconds, _ = render(s)
     save_file({"images": images.contiguous()}, str(path), metadata={**key, "seconds_per_image": repr(seconds)})
     return images, seconds, False
 
@@ -206,12 +244,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--scale", type=int, default=2, help="pixel scale of the PNGs")
     ap.add_argument("--no-overview", action="store_true", help="skip the labelled overview.png")
+    ap.add_argument("--real", default=None, help="class folder: add each setting's class accuracy (diffcli eval's classifier)")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = [Setting(*parse_sampler(tok.strip()), int(n)) for tok in args.samplers.split(",") for n in args.steps.split(",")]
-    ref_setting = Setting(*parse_sampler(args.reference), args.reference_steps)
+    settings = []
+    for tok in args.samplers.split(","):
+        name, sigmas, interval = parse_sampler(tok.strip())
+        settings += [Setting(name, sigmas, int(n), interval) for n in args.steps.split(",")]
+    ref_setting = Setting(*parse_sampler(args.reference)[:2], args.reference_steps)
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     mf = load_model(args.checkpoint, device)
@@ -231,17 +273,24 @@ def main() -> None:
           f"{'reused from ' + str(out) if reused else f'{ref_seconds:.3f} s/image'}", file=sys.stderr)
     save_png(out / "grids" / f"reference-{ref_setting.file_stem}.png", grid_image(ref, render.cols, args.scale), overwrite=True)
 
+    accuracy = class_accuracy(args.real, mf, device) if args.real else None
     results: list[Result] = []
     strips: list[tuple[str, torch.Tensor]] = [(f"reference {ref_setting.name} {ref_setting.steps}", ref)]
     for s in settings:
-        images, nfe, seconds = render(s)
+        if not render.available(s):
+            print(f"  {s.name:>16} {s.steps:4d} steps  skipped: the model file has no tuned entry for it", file=sys.stderr)
+            continue
+        images, nfe, seconds, guided = render(s)
         d = rmse(images, ref)
         grid = out / "grids" / f"{s.file_stem}.png"
         save_png(grid, grid_image(images, render.cols, args.scale), overwrite=True)
-        r = Result(s.sampler, s.sigmas, s.steps, nfe, float(d.mean()), float(d.max()), seconds, str(grid))
+        acc = accuracy(images, render.labels) if accuracy else None
+        r = Result(s.sampler, s.sigmas, s.steps, nfe, float(d.mean()), float(d.max()), seconds, str(grid), s.interval,
+                   guided, acc)
         results.append(r)
         strips.append((f"{s.name} {s.steps} ({nfe} NFE) rmse {r.rmse:.4f}", images))
-        print(f"  {s.name:>16} {s.steps:4d} steps  nfe {nfe:4d}  rmse {r.rmse:.4f}  {seconds:.3f} s/image", file=sys.stderr)
+        print(f"  {s.name:>16} {s.steps:4d} steps  nfe {nfe:4d}  guided {guided:4d}  rmse {r.rmse:.4f}  "
+              f"{seconds:.3f} s/image" + (f"  accuracy {acc:.3f}" if acc is not None else ""), file=sys.stderr)
     if not args.no_overview:
         save_png(out / "overview.png", overview(strips, args.scale), overwrite=True)
 
@@ -250,7 +299,7 @@ def main() -> None:
         "seeds": args.seeds, "classes": render.classes, "images": len(render.seeds), "device": device.type,
         "threads": torch.get_num_threads(), "metric": "mean per-image per-pixel RMSE in [0,1] units to the reference",
         "reference": {**asdict(ref_setting), "nfe": ode.nfe(ref_setting.sampler, ref_setting.steps)
-                      if ref_setting.sampler in ode.SAMPLERS else ref_setting.steps, "seconds_per_image": ref_seconds},
+                      if registry.spec(ref_setting.sampler).takes_sigmas else ref_setting.steps, "seconds_per_image": ref_seconds},
         "results": [asdict(r) for r in results], "wall_seconds": time.perf_counter() - t0,
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -262,11 +311,12 @@ def print_table(results: list[Result], ref: Setting) -> None:
     from rich.table import Table
 
     tab = Table(title=f"distance to {ref.name} at {ref.steps} steps (per-pixel RMSE, [0, 1] units)")
-    for header in ("sampler", "steps", "NFE", "rmse", "max", "s/image"):
+    for header in ("sampler", "steps", "NFE", "guided", "rmse", "max", "s/image", "accuracy"):
         tab.add_column(header, justify="right")
     for r in results:
-        name = r.sampler + (f":{r.sigmas}" if r.sigmas else "")
-        tab.add_row(name, str(r.steps), str(r.nfe), f"{r.rmse:.4f}", f"{r.max_rmse:.4f}", f"{r.seconds_per_image:.3f}")
+        name = r.sampler + (f":{r.sigmas}" if r.sigmas else "") + ("+gi" if r.interval else "")
+        tab.add_row(name, str(r.steps), str(r.nfe), str(r.guided), f"{r.rmse:.4f}", f"{r.max_rmse:.4f}",
+                    f"{r.seconds_per_image:.3f}", "" if r.accuracy is None else f"{r.accuracy:.3f}")
     Console().print(tab)
     target = [r for r in results if r.sampler == "ddim" and r.sigmas is None and r.steps == 50]
     if target:

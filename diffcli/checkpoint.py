@@ -35,6 +35,7 @@ import torch
 from diffcli import __version__, atomic
 from diffcli.errors import InputError
 from diffcli.model import DiT, ModelConfig, state_dict_shapes
+from diffcli.diffusion.registry import Tuned, read_tuned
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.validate import Invalid, check_names, check_record, check_scalars, describe, parse_json
 from diffcli.validate import field as spec
@@ -318,6 +319,7 @@ class ModelFile:
     sampling: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
     path: str = ""
+    tuned: list[Tuned] = field(default_factory=list)  # sigmas (and guidance intervals) diffcli tune stored
 
     @property
     def model_hash(self) -> str:
@@ -355,30 +357,20 @@ def save_model(
 
 # The optional metadata of a model file, each checked when present
 _SAMPLING = (spec("guidance", float, min=0, default=1.0),)
-_MAX_TUNED = 64
 _WEIGHT_DTYPES = {"float32": "F32", "float16": "F16"}
 _PREDICTION = spec("prediction", str, choices=("epsilon", "v"))
 _VERSION = spec("diffcli_version", str, max_len=64)
 
 
-def _check_sampling(value: Any) -> dict[str, Any]:
-    """The `sampling` metadata: scalars (guidance >= 0), plus optional `tuned` settings (an object of
-    scalars or a list of at most _MAX_TUNED such objects), which `diffcli info` shows as stored."""
+def _check_sampling(value: Any, schedule: NoiseSchedule) -> tuple[dict[str, Any], list[Tuned]]:
+    """The `sampling` metadata: scalars (guidance >= 0), plus the optional `tuned` list that
+    `diffcli tune` writes (registry.read_tuned checks every entry against the schedule)."""
     if not isinstance(value, dict):
         raise Invalid(f"sampling must be an object, found {describe(value)}")
     check_scalars({k: v for k, v in value.items() if k != "tuned"}, "sampling")
     check_record(value, _SAMPLING, "sampling", extra=True)
-    tuned = value.get("tuned", {})
-    if isinstance(tuned, list):
-        if len(tuned) > _MAX_TUNED:
-            raise Invalid(f"sampling.tuned has {len(tuned)} entries, at most {_MAX_TUNED} are allowed")
-        for i, entry in enumerate(tuned):
-            check_scalars(entry, f"sampling.tuned[{i}]")
-    elif isinstance(tuned, dict):
-        check_scalars(tuned, "sampling.tuned")
-    else:
-        raise Invalid(f"sampling.tuned must be an object or a list of objects, found {describe(tuned)}")
-    return value
+    tuned = read_tuned(value["tuned"], schedule) if "tuned" in value else []
+    return value, tuned
 
 
 @dataclass
@@ -392,6 +384,7 @@ class ModelSpec:
     training: dict[str, Any]
     sampling: dict[str, Any]
     weights_dtype: str | None  # the safetensors dtype every weight has, or None when not recorded
+    tuned: list[Tuned] = field(default_factory=list)  # sampling.tuned, parsed
 
 
 def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
@@ -416,14 +409,14 @@ def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
         weights = meta.get("weights_dtype")
         if weights is not None:
             spec("weights_dtype", str, choices=tuple(_WEIGHT_DTYPES)).check(weights)
-        sampling = _check_sampling(load("sampling", {}))
+        sampling, tuned = _check_sampling(load("sampling", {}), schedule)
         training = check_scalars(load("training", {}), "training")
         if "diffcli_version" in meta:
             _VERSION.check(meta["diffcli_version"])
     except Invalid as e:
         raise InputError(f"{path} has invalid model metadata: {e}") from None
     return ModelSpec(cfg, schedule, prediction, names, training, sampling,
-                     _WEIGHT_DTYPES.get(weights) if weights else None)
+                     _WEIGHT_DTYPES.get(weights) if weights else None, tuned)
 
 
 def validate_model_file(header: Header, path: str | Path) -> ModelSpec:
@@ -439,11 +432,33 @@ def validate_model_file(header: Header, path: str | Path) -> ModelSpec:
     return ms
 
 
-def read_schedule(path: str | Path) -> NoiseSchedule:
-    """The schedule of a model file, read from its header alone; a file that could not be sampled
-    (bad metadata, tensors that disagree with the config) is refused here too."""
+def with_sampling(path: str | Path, sampling: dict[str, Any]) -> bytes:
+    """The bytes of a model file with its `sampling` metadata replaced and nothing else changed: the
+    tensor data is copied byte for byte behind a re-encoded header (safetensors offsets are relative
+    to the data, so they stay). The result is checked like any model file before it is returned."""
+    header, data = read_header(path, MODEL_FORMAT)
+    assert data is not None
+    validate_model_file(header, path)
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = json.loads(data[8 : 8 + n])
+    raw["__metadata__"] = {**raw.get("__metadata__", {}), "sampling": json.dumps(sampling)}
+    head = json.dumps(raw, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    out = struct.pack("<Q", len(head)) + head + data[8 + n :]
+    meta, entries = _parse_header_json(head)
+    validate_model_file(Header(meta, _check_entries(entries, len(out) - 8 - len(head)), len(out)), path)
+    return out
+
+
+def read_model_spec(path: str | Path) -> ModelSpec:
+    """What a model file's metadata says (schedule, tuned sigmas, ...), read from its header alone; a file
+    that could not be sampled (bad metadata, tensors that disagree with the config) is refused here too."""
     header, _ = read_header(path, MODEL_FORMAT, whole=False)
-    return validate_model_file(header, path).schedule
+    return validate_model_file(header, path)
+
+
+def read_schedule(path: str | Path) -> NoiseSchedule:
+    return read_model_spec(path).schedule
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFile:
@@ -466,6 +481,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFil
         sampling=ms.sampling,
         sha256=hashlib.sha256(data).hexdigest(),
         path=str(path),
+        tuned=ms.tuned,
     )
 
 

@@ -116,7 +116,7 @@ def inspect_schedule(
         None, "--sampler", help="With --steps: the steps of this sampler (ddim, ddpm, euler, euler_a, heun, dpm++2m).",
         show_default="dpm++2m, as sample",
     ),
-    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="With an ODE --sampler: auto, edm, karras or none, as for sample.", show_default="auto"),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="With an ODE --sampler: auto, edm, karras, tuned or none, as for sample.", show_default="auto"),
     rows: Optional[int] = typer.Option(
         None, help="Show this many evenly spaced timesteps, t=0 and t=T-1 included.", show_default="11; every row with --json/--csv"
     ),
@@ -137,7 +137,8 @@ def inspect_schedule(
         schedules = core.load_schedules(
             schedule, compare, timesteps, beta_start, beta_end, zero_terminal_snr, checkpoint
         )
-        return core.choose_rows(schedules, rows, steps, spacing, json_out or csv_out, sampler, sigmas)
+        return core.choose_rows(schedules, rows, steps, spacing, json_out or csv_out, sampler, sigmas,
+                                core.load_tuned(checkpoint))
 
     json_command = "inspect-schedule" if json_out else None
     inspection = run_core(build, json_command)
@@ -157,6 +158,8 @@ def inspect_schedule(
             console().print(table)
         for s in inspection.schedules:
             print(core.summary(s))
+        for text in core.tuned_lines(inspection):
+            print(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +258,8 @@ def sample(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="dpm++2m, heun, euler, euler_a, ddim or ddpm.", show_default="dpm++2m"),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta: 0 deterministic, 1 DDPM-like.", show_default="0"),
     spacing: Optional[str] = typer.Option(None, "--spacing", help="Timesteps of ddim/ddpm and of --sigmas none: trailing, leading or linspace.", show_default="trailing"),
-    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Step sizes for the ODE samplers: edm (Karras rho 7 from sigma 80), karras (over the model's whole sigma range), none (the --spacing timesteps); auto: edm for ODE samplers.", show_default="auto"),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Step sizes for the ODE samplers: edm (Karras rho 7 from sigma 80), karras (over the model's whole sigma range), tuned (stored by diffcli tune for this sampler and step count), none (the --spacing timesteps); auto: tuned when the model has them, else edm.", show_default="auto"),
+    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Guide only at noise levels LO < sigma <= HI (e.g. 0.3,5), a plain conditional step elsewhere; auto: the interval diffcli tune stored with the tuned sigmas in use; none: every step.", show_default="auto"),
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="Images to make. Default: one per class (16 for an unconditional model)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward batch."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; image i gets seed+i. Random (and printed) when omitted."),
@@ -291,6 +295,7 @@ def sample(
     chosen = {
         "steps": steps, "sampler": sampler, "eta": eta, "spacing": spacing, "sigmas": sigmas, "num_images": num_images,
         "seed": seed, "classes": list(classes) or None, "guidance": guidance, "clip_x0": clip, "precision": precision,
+        "guidance_interval": guidance_interval,
         "init_image": str(init_image) if init_image is not None else None, "strength": strength,
         "mask": str(mask) if mask is not None else None, "resample": resample, "mask_blur": mask_blur,
     }
@@ -319,6 +324,80 @@ def sample(
                     print(rec["path"], flush=True)
 
     run_core(job, json_command="sample" if json_out else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# tune
+# --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def tune(
+    model: Path = typer.Argument(..., metavar="MODEL", help="The model file (.safetensors) to tune."),
+    steps: int = typer.Option(..., "--steps", "-s", help="The step count to tune the sigmas for."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="A deterministic ODE sampler: dpm++2m, heun or euler.", show_default="dpm++2m, as sample"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Guidance scale to tune at.", show_default="the model file's"),
+    classes: List[str] = typer.Option([], "--class", help="Classes to tune on (index or name; repeatable); they cycle over the seeds.", show_default="all"),
+    seeds: int = typer.Option(32, "--seeds", help="Training seeds (0..K-1): the search minimises their distance to the reference."),
+    validation_seeds: int = typer.Option(32, "--validation-seeds", help="Separate seeds the result is judged on."),
+    reference: str = typer.Option("dpm++2m:100", "--reference", help="SAMPLER:STEPS of the reference solve, e.g. ddim:1000."),
+    max_evaluations: int = typer.Option(120, "--max-evaluations", help="N-step solves of the training seeds the search may spend."),
+    guidance_interval: bool = typer.Option(False, "--guidance-interval", help="Also find where guidance is needed (needs --real); stored with the sigmas."),
+    real: Optional[Path] = typer.Option(None, "--real", help="With --guidance-interval: the class folder whose classifier (as diffcli eval) judges the samples."),
+    interval_images: int = typer.Option(200, "--interval-images", help="With --guidance-interval: images per accuracy check."),
+    accuracy_tolerance: float = typer.Option(1.0, "--accuracy-tolerance", help="With --guidance-interval: percentage points of class accuracy the interval may cost."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the tuned model file here (a copy with the result in its metadata)."),
+    in_place: bool = typer.Option(False, "--in-place", help="Store the result in MODEL itself (atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward batch."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Folder of diffcli eval's cached classifiers.", show_default="as diffcli eval"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.", show_default="the CPUs this process may use"),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
+    json_out: bool = typer.Option(False, "--json", help="Print one `result` record (JSON Lines) instead of the table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
+) -> None:
+    """Find the step sigmas (and a guidance interval) that suit MODEL at --steps; store them when they help."""
+    from diffcli.progress import Progress
+
+    def job():
+        from diffcli.diffusion.tune import TuneOptions, tune as run_tune
+
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
+        opts = TuneOptions(model=str(model), steps=steps, sampler=sampler, guidance=guidance, classes=list(classes),
+                           seeds=seeds, validation_seeds=validation_seeds, reference=reference,
+                           max_evaluations=max_evaluations, guidance_interval=guidance_interval,
+                           real=str(real) if real else None, interval_images=interval_images,
+                           accuracy_tolerance=accuracy_tolerance, out=str(out) if out else None, in_place=in_place,
+                           overwrite=overwrite, batch_size=batch_size, device=device,
+                           cache=str(cache) if cache else None)
+        with Progress("tuning", quiet=quiet, log_every=log_every, json_command="tune" if json_out else None) as bar:
+            result = run_tune(opts, log=bar.log, progress=lambda i, n, task: bar.update(i, n, task=task))
+            if not result.better:
+                bar.log(f"the tuned sigmas ({result.distance['tuned']:.4f}) do not beat {result.best_fixed} "
+                        f"({result.distance[result.best_fixed]:.4f}) on the validation seeds: nothing stored")
+            elif result.stored:
+                bar.log(f"stored in {result.stored}: `diffcli sample -c {result.stored} --steps {result.steps}"
+                        f"{'' if result.sampler == 'dpm++2m' else ' --sampler ' + result.sampler}` uses them")
+            else:
+                bar.log("nothing stored: give --out FILE or --in-place to keep them")
+            return result
+
+    result = run_core(job, "tune" if json_out else None)
+    if json_out:
+        from diffcli.records import emit
+
+        emit("tune", "result", **result.to_dict())
+    else:
+        from diffcli.diffusion.tune import table
+        from diffcli.progress import console
+
+        console().print(table(result))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from diffcli.checkpoint import ModelFile, load_model
 from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
 from diffcli.errors import InputError, OutputExistsError, UsageError
 from diffcli.images import generation_text, make_grid, save_png, to_pil, to_uint8
-from diffcli.diffusion import ode
-from diffcli.diffusion.samplers import SAMPLERS, sample
+from diffcli.diffusion import ode, registry
+from diffcli.diffusion.registry import sample
 
 DEFAULT_NAME = "{seed}-{index:04d}.png"
 DEFAULT_EDIT_NAME = "{stem}-{seed}.png"  # --init-image: named after the input image
@@ -29,7 +29,7 @@ MAX_IMAGES = 100_000  # per run; every name is planned up front, so a typo like 
 
 
 def all_sampler_names() -> tuple[str, ...]:
-    return SAMPLERS + ode.SAMPLERS
+    return registry.NAMES
 
 
 def default_checkpoint() -> Path:
@@ -48,8 +48,8 @@ def default_checkpoint() -> Path:
 @dataclass
 class SampleOptions:
     checkpoint: str | None = None
-    steps: int = ode.DEFAULT_STEPS
-    sampler: str = ode.DEFAULT_SAMPLER
+    steps: int = registry.DEFAULT_STEPS
+    sampler: str = registry.DEFAULT_SAMPLER
     eta: float = 0.0
     spacing: str | None = None  # the timesteps of ddim/ddpm and of --sigmas none; default trailing
     num_images: int | None = None  # default: one per class (conditional) or 16
@@ -68,7 +68,8 @@ class SampleOptions:
     threads: int | None = None
     precision: str = "auto"
     clip_x0: bool = True
-    sigmas: str | None = "auto"  # auto (edm for ODE samplers), none (the --spacing timesteps), karras, edm
+    sigmas: str | None = "auto"  # auto (the model's tuned sigmas, else edm for ODE samplers), none, karras, edm, tuned
+    guidance_interval: str | None = "auto"  # LO,HI in sigma; auto: the tuned entry's interval (if any); none
     from_png: str | None = None  # set when the options were read from this PNG's parameters (in the --json record)
     expect_model_hash: str | None = None  # --from-png: the model hash the PNG records
     force: bool = False  # --from-png: render with a model of another hash
@@ -167,11 +168,12 @@ def _recorded_fields() -> tuple:
     return (
         field("seed", int, min=0, max=2**63 - 2**32 - 1),
         field("steps", int, min=1, max=100_000),
-        field("sampler", str, choices=SAMPLERS + ode.SAMPLERS),
+        field("sampler", str, choices=registry.NAMES),
         field("guidance", float, min=0),
         field("model_hash", str, max_len=64),
         field("class", str, max_len=255, default=None),
-        field("sigmas", str, choices=ode.SIGMA_SCHEDULES, default=None),
+        field("sigmas", str, choices=("karras", "edm", "tuned"), default=None),
+        field("guidance_interval", str, max_len=64, default=None),
         field("spacing", str, choices=("trailing", "leading", "linspace"), default=None),
         field("eta", float, min=0, max=1, default=None),
         field("clip", bool, default=None),
@@ -252,7 +254,8 @@ def apply_recorded(opts: SampleOptions, rec: dict[str, Any], given: set[str], pn
     if rec["class"] is not None:
         values["classes"] = [rec["class"]]
     if rec["sigmas"] is None:
-        values["spacing"] = rec["spacing"] or ode.DEFAULT_SPACING
+        values["spacing"] = rec["spacing"] or registry.DEFAULT_SPACING
+    values["guidance_interval"] = rec["guidance_interval"] or "none"  # as made: no interval unless recorded
     optional = {"eta": rec["eta"], "clip_x0": rec["clip"], "precision": rec["precision"],
                 "strength": rec["strength"], "resample": rec["resample"], "mask_blur": rec["mask_blur"]}
     values.update({k: v for k, v in optional.items() if v is not None})
@@ -301,6 +304,7 @@ class Plan:
     inputs: list[int] = field(default_factory=list)  # with edits: the input image of each image
     strength: float | None = None
     span: int | None = None  # with edits: the timesteps [0, span) the steps are spread over
+    interval: tuple[float, float] | None = None  # guidance only at lo < sigma <= hi
 
 
 def _check_edit_options(opts: SampleOptions) -> float | None:
@@ -342,9 +346,9 @@ def plan(opts: SampleOptions) -> Plan:
         raise UsageError(f"--threads must be >= 1, got {opts.threads}")
     if opts.sampler not in all_sampler_names():
         raise UsageError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(all_sampler_names())}")
-    opts.sigmas = ode.resolve_sigmas(opts.sampler, opts.sigmas)
-    ode.check_sigmas(opts.sampler, opts.sigmas)
-    opts.spacing = ode.resolve_spacing(opts.sigmas, opts.spacing)
+    interval = registry.parse_interval(opts.guidance_interval)
+    # the usage checks that need no model file now (the model's tuned sigmas are applied once it is read)
+    registry.resolve_spacing(registry.resolve_sigmas(opts.sampler, opts.sigmas), opts.spacing)
     if opts.overwrite and opts.skip_existing:
         raise UsageError("--overwrite and --skip-existing exclude each other")
     if opts.seed is not None and not 0 <= opts.seed < 2**63 - 2**32:
@@ -367,6 +371,9 @@ def plan(opts: SampleOptions) -> Plan:
                          f"{mf.model_hash}; give the model it was made with (-c), or --force to use this one")
     if opts.steps > mf.schedule.num_timesteps:
         raise UsageError(f"--steps must be at most the model's {mf.schedule.num_timesteps} timesteps")
+    opts.sigmas = registry.resolve_sigmas(opts.sampler, opts.sigmas, opts.steps, mf.tuned, editing)
+    opts.spacing = registry.resolve_spacing(opts.sigmas, opts.spacing)
+    gi = registry.resolve_interval(interval, mf.schedule, opts.sampler, opts.steps, opts.sigmas, mf.tuned)
     edits, span, inputs = None, None, []
     if editing:
         span = edit.span(strength, mf.schedule, opts.steps)
@@ -420,14 +427,22 @@ def plan(opts: SampleOptions) -> Plan:
         if existing and not opts.skip_existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise OutputExistsError(f"{existing[0]} exists{more}; pass --overwrite or --skip-existing")
-    return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype, edits, inputs, strength, span)
+    if gi is not None and (guidance == 1.0 or not mf.class_names):
+        if interval != "auto":
+            raise UsageError("--guidance-interval needs guidance: a class-conditional model and --guidance other than 1")
+        gi = None
+    return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype, edits, inputs, strength, span, gi)
+
+
+def _interval_text(interval: tuple[float, float] | None) -> str:
+    return "" if interval is None else f" at sigma {interval[0]:.3g} to {interval[1]:.3g}"
 
 
 def first_timestep(opts: SampleOptions, p: Plan) -> float:
     """Where an edit's steps start (the log line): the first timestep the sampler visits."""
     if opts.sigmas:
-        return ode.sigma_to_t(p.mf.schedule, ode.step_sigmas(p.mf.schedule, opts.steps, opts.spacing, opts.sigmas,
-                                                              p.span)[0])
+        return ode.sigma_to_t(p.mf.schedule, registry.visited_sigmas(p.mf.schedule, opts.sampler, opts.steps, opts.spacing,
+                                                                      opts.sigmas, p.mf.tuned, p.span)[0])
     return float(p.mf.schedule.timesteps(opts.steps, opts.spacing, p.span)[0])
 
 
@@ -456,7 +471,8 @@ def run(
     if log:
         how = "given" if opts.seed is not None else "random"
         log(f"model {p.mf.path} ({p.mf.model_hash}); seed {p.base_seed} ({how}); {len(p.seeds)} images, "
-            f"{opts.sampler} {opts.steps} steps, guidance {p.guidance:g}, {p.device.type}")
+            f"{opts.sampler} {opts.steps} steps{' (tuned sigmas)' if opts.sigmas == 'tuned' else ''}, "
+            f"guidance {p.guidance:g}{_interval_text(p.interval)}, {p.device.type}")
         if p.edits is not None:
             what = "inpainting" if p.edits.masks is not None else "img2img"
             extra = (f", resample {opts.resample}" if opts.resample > 1 else "") + (
@@ -486,6 +502,9 @@ def run(
         common["sigmas"] = opts.sigmas  # the step schedule, needed to reproduce the image
     else:
         common["spacing"] = opts.spacing  # the timesteps, when they are the schedule's own
+    if p.interval is not None:
+        common["guidance_interval"] = f"{p.interval[0]!r},{p.interval[1]!r}"  # every digit: --from-png redoes it
+    sigmas = registry.sigmas_for(opts.sigmas, opts.sampler, opts.steps, mf.tuned)
     skipped = 0
 
     def skip(i: int) -> dict[str, Any]:
@@ -520,7 +539,7 @@ def run(
                 denoiser, mf.schedule, shape, opts.steps, opts.sampler, seeds=[p.seeds[i] for i in idx],
                 labels=labels, null_label=null, guidance=p.guidance, prediction=mf.prediction, eta=opts.eta,
                 spacing=opts.spacing, clip_x0=1.0 if opts.clip_x0 else None, device=p.device, callback=cb,
-                sigmas=opts.sigmas, start=begin, constraint=constraint,
+                sigmas=sigmas, start=begin, constraint=constraint, guidance_interval=p.interval,
             )
             done_steps += opts.steps * len(idx)
             seconds = (time.perf_counter() - t0) / len(idx)

@@ -52,7 +52,7 @@ class Info:
     schedule: dict[str, Any]
     prediction: str
     sampling_defaults: dict[str, Any]  # what `diffcli sample` uses with no flags; {} for a checkpoint
-    tuned: list[Any] | dict[str, Any] = field(default_factory=dict)  # sampling "tuned" entries, as stored
+    tuned: list[dict[str, Any]] = field(default_factory=list)  # sampling.tuned entries (diffcli tune), checked
     training: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,18 +101,35 @@ def _weights(tensors: dict[str, TensorInfo]) -> tuple[int, str]:
     return sum(math.prod(t.shape) for t in tensors.values()), "+".join(dtypes) or "none"
 
 
-def sampling_defaults(cfg: ModelConfig, sampling: dict[str, Any]) -> dict[str, Any]:
-    """What `diffcli sample --checkpoint FILE` uses with no other flag (the sampler's defaults), from
-    a `sampling` record validate_model_file has checked."""
-    from diffcli.diffusion import ode
+def _tuned_text(t: dict[str, Any]) -> str:
+    """One tuned entry in a line: `dpm++2m 10 steps, distance 0.0102 (best fixed: edm 0.0161)`."""
+    dist = t["distance"]
+    fixed = min(((k, v) for k, v in dist.items() if k != "tuned"), key=lambda kv: kv[1], default=None)
+    text = f"{t['sampler']} {t['steps']} steps"
+    if "tuned" in dist:
+        text += f", distance {dist['tuned']:.4f}"
+    if fixed:
+        text += f" (best fixed: {fixed[0]} {fixed[1]:.4f})"
+    if t.get("guidance_interval"):
+        lo, hi = t["guidance_interval"]
+        text += f", guidance at sigma {lo:.3g} to {hi:.3g}"
+    return text
 
-    sampler, steps = ode.DEFAULT_SAMPLER, ode.DEFAULT_STEPS
-    sigmas = ode.resolve_sigmas(sampler, "auto")
+
+def sampling_defaults(cfg: ModelConfig, sampling: dict[str, Any], tuned: list[Any] = ()) -> dict[str, Any]:
+    """What `diffcli sample --checkpoint FILE` uses with no other flag (the sampler's defaults, the
+    model's tuned sigmas when it has them for those), from metadata validate_model_file has checked."""
+    from diffcli.diffusion import registry
+
+    sampler, steps = registry.DEFAULT_SAMPLER, registry.DEFAULT_STEPS
+    sigmas = registry.resolve_sigmas(sampler, "auto", steps, tuned)
+    entry = registry.find_tuned(tuned, sampler, steps) if sigmas == "tuned" else None
     return {
         "sampler": sampler,
         "steps": steps,
         "sigmas": sigmas,
-        "spacing": None if sigmas else ode.DEFAULT_SPACING,  # the timesteps visited when no sigma schedule
+        "spacing": None if sigmas else registry.DEFAULT_SPACING,  # the timesteps visited when no sigma schedule
+        "guidance_interval": list(entry.guidance_interval) if entry and entry.guidance_interval else None,
         "guidance": float(sampling.get("guidance", 1.0)) if cfg.num_classes else 1.0,  # unconditional: nothing to guide
         "num_images": cfg.num_classes or 16,
     }
@@ -131,8 +148,8 @@ def _model_file(path: Path, header: Header) -> dict[str, Any]:
         model_kind=model_kind(cfg, header.meta), preset=preset_of(cfg, ms.training.get("preset")),
         parameters=parameters, weights_dtype=dtype, image_size=[cfg.image_height, cfg.image_width],
         channels=cfg.in_channels, classes=ms.class_names, model_config=cfg.to_dict(), schedule=ms.schedule.to_dict(),
-        prediction=ms.prediction, sampling_defaults=sampling_defaults(cfg, ms.sampling),
-        tuned=ms.sampling.get("tuned", {}), training=ms.training,
+        prediction=ms.prediction, sampling_defaults=sampling_defaults(cfg, ms.sampling, ms.tuned),
+        tuned=[t.to_dict() for t in ms.tuned], training=ms.training,
     )
 
 
@@ -156,7 +173,7 @@ def _training_state(path: Path, header: Header) -> dict[str, Any]:
         model_kind=model_kind(cfg, header.meta), preset=preset_of(cfg, train.get("model")), parameters=parameters,
         weights_dtype=dtype, image_size=[cfg.image_height, cfg.image_width], channels=cfg.in_channels,
         classes=st.class_names, model_config=cfg.to_dict(), schedule=st.schedule.to_dict(),
-        prediction=st.prediction, sampling_defaults={}, tuned={}, training=training,
+        prediction=st.prediction, sampling_defaults={}, tuned=[], training=training,
     )
 
 
@@ -242,9 +259,10 @@ def rows(info: Info) -> list[tuple[str, list[tuple[str, str]]]]:
         where = f"{d['sigmas']} sigmas" if d["sigmas"] else f"{d['spacing']} spacing"
         out.append(("Sampling defaults", [
             ("sampler", f"{d['sampler']}, {d['steps']} steps, {where}"),
-            ("guidance", f"{d['guidance']:g}"),
+            ("guidance", f"{d['guidance']:g}" + (f" at sigma {d['guidance_interval'][0]:.3g} to "
+                                                  f"{d['guidance_interval'][1]:.3g}" if d["guidance_interval"] else "")),
             ("images", f"{d['num_images']}" + (" (one per class)" if info.classes else "")),
-            ("tuned", json.dumps(info.tuned) if info.tuned else "none"),
+            ("tuned", "; ".join(_tuned_text(t) for t in info.tuned) or "none"),
         ]))
     training = [(k.replace("_", " "), _value(v)) for k, v in info.training.items()]
     out.append(("Training", training or [("", "no training metadata")]))

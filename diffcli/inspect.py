@@ -21,16 +21,16 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from rich.table import Table
 
 from diffcli import images, plot
-from diffcli.diffusion import ode
-from diffcli.errors import OutputExistsError, UsageError
-from diffcli.diffusion.samplers import SAMPLERS
+from diffcli.diffusion import ode, registry
+from diffcli.diffusion.registry import Tuned
 from diffcli.diffusion.schedule import NoiseSchedule, ScheduleSpec
+from diffcli.errors import OutputExistsError, UsageError
 
 TABLE_ROWS = 11  # rows of the table when neither --rows nor --steps is given
 DB = 10 / math.log(10)  # 10 log10(x) = DB * ln(x): log-SNR in decibels
@@ -61,9 +61,10 @@ class Inspection:
     steps: int | None = None  # set when the rows are the timesteps a sampler visits
     spacing: str | None = None
     sampler: str | None = None  # set when --sampler was given
-    sigmas: str | None = None  # the ODE step schedule: None (the spacing's timesteps) "karras" or "edm"
+    sigmas: str | None = None  # the ODE step schedule: None (the spacing's timesteps), karras, edm or tuned
     step_sigmas: list[float] | None = None  # ODE samplers: the N + 1 sigmas visited, the last one 0
     nfe: int | None = None  # model evaluations per image of that sampler
+    tuned: list[Tuned] = field(default_factory=list)  # --checkpoint: the sigmas diffcli tune stored in it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +112,15 @@ def load_schedules(
     ]
 
 
+def load_tuned(checkpoint: Path | None) -> list[Tuned]:
+    """The tuned entries of a model file (none without one)."""
+    if checkpoint is None:
+        return []
+    from diffcli.checkpoint import read_model_spec
+
+    return read_model_spec(checkpoint).tuned
+
+
 def evenly_spaced(T: int, rows: int) -> list[int]:
     """`rows` timesteps from 0 to T - 1: multiples of T // (rows - 1), then T - 1 (0, 100, ..., 900, 999)."""
     if not isinstance(rows, int) or not 2 <= rows <= T:
@@ -127,10 +137,12 @@ def choose_rows(
     every_row: bool = False,
     sampler: str | None = None,
     sigmas: str | None = None,
+    tuned: list[Tuned] | None = None,
 ) -> Inspection:
     """Rows for the timesteps a sampler visits (`steps`; `sampler` and `sigmas` as for sampling),
     `rows` evenly spaced ones, or by default every timestep (every_row, for JSON and CSV) or
-    TABLE_ROWS of them."""
+    TABLE_ROWS of them. tuned: the model file's tuned entries (--checkpoint), for --sigmas auto/tuned."""
+    tuned = list(tuned or [])
     T = schedules[0].num_timesteps
     if steps is None and (sampler is not None or sigmas is not None):
         raise UsageError(f"--{'sampler' if sampler is not None else 'sigmas'} needs --steps")
@@ -140,30 +152,29 @@ def choose_rows(
         if not isinstance(steps, int) or not 1 <= steps <= T:  # sample refuses more steps than timesteps too
             raise UsageError(f"steps must be between 1 and the schedule's {T} timesteps, got {steps}")
         # the same defaults and the same rule as `sample`, so the rows are the steps it takes
-        sampler = sampler or ode.DEFAULT_SAMPLER
-        if sampler not in SAMPLERS + ode.SAMPLERS:
-            names = ", ".join(SAMPLERS + ode.SAMPLERS)
-            raise UsageError(f"unknown sampler {sampler!r}; choose one of {names}")
+        sampler = sampler or registry.DEFAULT_SAMPLER
+        registry.spec(sampler)
         asked = sigmas
-        sigmas = ode.resolve_sigmas(sampler, "auto" if sigmas is None else sigmas)
-        ode.check_sigmas(sampler, sigmas)
-        spacing = ode.resolve_spacing(sigmas, spacing)
-        if sampler in SAMPLERS:
+        sigmas = registry.resolve_sigmas(sampler, "auto" if sigmas is None else sigmas, steps, tuned)
+        spacing = registry.resolve_spacing(sigmas, spacing)
+        if not registry.spec(sampler).takes_sigmas:
             visited = [int(t) for t in schedules[0].timesteps(steps, spacing)]
-            return Inspection(schedules, visited, steps, spacing, sampler, nfe=steps)
+            return Inspection(schedules, visited, steps, spacing, sampler, nfe=steps, tuned=tuned)
         if sigmas is not None and len(schedules) > 1:
             how = f"--sigmas {sigmas}" if asked not in (None, "auto") else f"{sampler}'s default {sigmas} sigmas"
             raise UsageError(f"{how} depend on each schedule's sigma range; inspect one schedule at a time, "
                              "or compare timesteps with --sampler ddim or --sigmas none")
-        sig = ode.step_sigmas(schedules[0], steps, spacing, sigmas)
+        given = registry.sigmas_for(sigmas, sampler, steps, tuned)
+        sig = ode.step_sigmas(schedules[0], steps, spacing, given)
         visited = [_int_if_whole(ode.sigma_to_t(schedules[0], s)) for s in sig[:-1]]
         spacing = None if sigmas is not None else spacing
-        return Inspection(schedules, visited, steps, spacing, sampler, sigmas, sig, ode.nfe(sampler, steps, sigmas, schedules[0]))
+        return Inspection(schedules, visited, steps, spacing, sampler, sigmas, sig,
+                          ode.nfe(sampler, steps, given, schedules[0]), tuned)
     if spacing is not None:
         raise UsageError("--spacing needs --steps")
     if rows is None:
-        return Inspection(schedules, list(range(T)) if every_row else evenly_spaced(T, min(TABLE_ROWS, T)))
-    return Inspection(schedules, evenly_spaced(T, rows))
+        return Inspection(schedules, list(range(T)) if every_row else evenly_spaced(T, min(TABLE_ROWS, T)), tuned=tuned)
+    return Inspection(schedules, evenly_spaced(T, rows), tuned=tuned)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,6 +226,22 @@ def zero_db_crossing(schedule: NoiseSchedule) -> int | None:
     return int(below[0]) if len(below) else None
 
 
+def tuned_lines(inspection: Inspection) -> list[str]:
+    """One line per tuned entry of the model file: what it is for, its sigmas, how it compared."""
+    out = []
+    for t in inspection.tuned:
+        sig = ", ".join(f"{v:.4g}" for v in t.sigmas)
+        fixed = {k: v for k, v in t.distance.items() if k != "tuned"}
+        vs = ", ".join(f"{k} {v:.4f}" for k, v in sorted(fixed.items(), key=lambda kv: kv[1]))
+        line = (f"tuned: {t.sampler} {t.steps} steps at guidance {t.guidance:g}: sigmas {sig}; distance to "
+                f"{t.reference} on {t.validation_seeds} validation seeds {t.distance.get('tuned', float('nan')):.4f}"
+                f" (fixed: {vs})")
+        if t.guidance_interval is not None:
+            line += f"; guidance interval {t.guidance_interval[0]:.4g} to {t.guidance_interval[1]:.4g}"
+        out.append(line)
+    return out
+
+
 def summary(schedule: NoiseSchedule) -> str:
     """One line: the terminal SNR and where the SNR crosses 0 dB."""
     T = schedule.num_timesteps
@@ -254,7 +281,8 @@ def heading(inspection: Inspection) -> str:
         text += ", zero terminal SNR"
     n, sampler = inspection.steps, inspection.sampler
     if n is not None and inspection.step_sigmas is not None:
-        how = f"{inspection.sigmas} sigmas, rho 7" if inspection.sigmas else f"{inspection.spacing} spacing"
+        how = (f"{inspection.sigmas} sigmas" + (", rho 7" if inspection.sigmas in ode.FAMILIES else "")
+               if inspection.sigmas else f"{inspection.spacing} spacing")
         text += (
             f": the {n} noise levels {sampler} steps from ({how}), in order, then sigma 0; "
             f"{inspection.nfe} model evaluations"
@@ -318,6 +346,8 @@ def to_json_lines(inspection: Inspection) -> list[str]:
         ))
         for r in rows_of(inspection, s):
             out.append(line("inspect-schedule", "row", schedule=s.kind, **asdict(r)))
+    for t in inspection.tuned:
+        out.append(line("inspect-schedule", "tuned", **t.to_dict()))
     return out
 
 

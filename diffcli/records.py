@@ -15,7 +15,7 @@ from typing import IO, Any
 # command -> kind -> (required fields, optional fields)
 _IMAGE_OPTIONAL = (
     "class", "steps", "sampler", "guidance", "spacing", "sigmas", "eta", "width", "height", "model_hash",
-    "diffcli_version", "nfe", "seconds", "clip", "precision", "device", "from_png",
+    "diffcli_version", "nfe", "seconds", "clip", "precision", "device", "from_png", "guidance_interval",
     # an edited image (--init-image): its files and how they were used
     "init_image", "init_sha256", "strength", "mask", "mask_sha256", "resample", "mask_blur",
 )
@@ -26,6 +26,9 @@ _INFO = (
     "parameters", "weights_dtype", "image_size", "channels", "classes", "model_config", "schedule", "prediction",
     "sampling_defaults",
 )
+
+_TUNED = ("sampler", "steps", "sigmas", "guidance", "reference", "distance", "seeds", "validation_seeds")
+_TUNED_OPTIONAL = ("guidance_interval", "accuracy")
 
 SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "sample": {
@@ -54,6 +57,14 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
         "schedule": (("schedule", "terminal_snr_db", "snr_below_0db_from_t"), ()),
         "row": (("schedule", "t", "beta", "alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "snr_db",
                  "sigma"), ()),
+        "tuned": (_TUNED, _TUNED_OPTIONAL),
+        "error": _ERROR,
+    },
+    "tune": {
+        "result": (("model", "sampler", "steps", "guidance", "reference", "seeds", "validation_seeds", "sigmas",
+                    "train_distance", "distance", "best_fixed", "improvement", "better", "stored", "evaluations",
+                    "seconds"), ("guidance_interval", "accuracy", "interval_seconds")),
+        "progress": _PROGRESS,
         "error": _ERROR,
     },
 }

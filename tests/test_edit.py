@@ -18,11 +18,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffcli import edit, generate, records
-from diffcli.diffusion import ode
+from diffcli.diffusion import ode, registry
 from diffcli.checkpoint import save_model
 from diffcli.cli import app
 from diffcli.images import from_uint8, read_png_text
-from diffcli.diffusion.samplers import ImageNoise, Level, Start, ddpm_level, renoise, sample
+from diffcli.diffusion.registry import sample
+from diffcli.diffusion.samplers import ImageNoise, Level, Start, ddpm_level, renoise
 from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()
@@ -222,7 +223,7 @@ def test_resample_takes_every_step_but_the_last_r_times(sampler, resample, nfe):
     x0 = torch.zeros(1, *SHAPE)
     w = torch.ones(1, 1, 8, 8)
     w[..., :4] = 0
-    kw = {"sigmas": "karras"} if sampler in ode.SAMPLERS else {}
+    kw = {"sigmas": "karras"} if sampler in registry.ODE_SAMPLERS else {}
     res = sample(f, COSINE, SHAPE, 6, sampler, seeds=[0], start=Start(x0, 600),
                  constraint=edit.Inpaint(x0, w, resample), **kw)
     assert res.nfe == len(f.calls) == nfe

@@ -491,9 +491,8 @@ def test_from_png_record_mutants(tmp_path):
     """Every field of the record removed or set to each VALUES entry, and random edits of its JSON
     text: recorded_parameters returns checked values (types and ranges as sample needs them) or
     refuses with one line; nothing else."""
-    from diffcli.diffusion import ode
+    from diffcli.diffusion import registry
     from diffcli.generate import recorded_parameters
-    from diffcli.diffusion.samplers import SAMPLERS
 
     good = {"seed": 7, "steps": 15, "sampler": "dpm++2m", "guidance": 1.5, "model_hash": "2fdb805a99",
             "class": "7", "sigmas": "edm", "clip": True, "precision": "fp32", "width": 28, "nfe": 15}
@@ -531,7 +530,7 @@ def test_from_png_record_mutants(tmp_path):
         r = out.result
         assert type(r["seed"]) is int and 0 <= r["seed"] < 2**63 - 2**32, m.what
         assert type(r["steps"]) is int and 1 <= r["steps"] <= 100_000, m.what
-        assert r["sampler"] in SAMPLERS + ode.SAMPLERS and r["sigmas"] in (None, *ode.SIGMA_SCHEDULES), m.what
+        assert r["sampler"] in registry.NAMES and r["sigmas"] in (None, "karras", "edm", "tuned"), m.what
         assert isinstance(r["guidance"], float) and math.isfinite(r["guidance"]) and r["guidance"] >= 0, m.what
         assert r["class"] is None or isinstance(r["class"], str), m.what
     report("from-png record", tally, time.perf_counter() - t0)

@@ -106,9 +106,9 @@ def test_json_of_a_class_conditional_model(models):
     assert d["prediction"] == "v"
     assert d["model_config"] == model.config.to_dict()
     assert d["preset"] == "custom"  # width 32 is no preset, and the stored name is not one either
-    assert d["sampling_defaults"] == {"sampler": "dpm++2m", "steps": 15, "sigmas": "edm", "spacing": None,
+    assert d["sampling_defaults"] == {"sampler": "dpm++2m", "steps": 15, "sigmas": "edm", "spacing": None, "guidance_interval": None,
                                       "guidance": 2.5, "num_images": 3}
-    assert d["tuned"] == {}
+    assert d["tuned"] == []
     assert d["training"] == {"steps": 42, "dataset": "toys", "preset": "custom-name"}
 
 
@@ -155,13 +155,15 @@ def test_preset_from_training_metadata_or_from_the_config(tmp_path):
 
 def test_tuned_entries_are_shown_when_present(tmp_path, make_dit):
     path = tmp_path / "tuned.safetensors"
-    tuned = [{"sampler": "heun", "steps": 10, "sigmas": "edm", "rmse": 0.01}]
-    save_model(path, make_dit(num_classes=2), NoiseSchedule("linear", 100), "v", ["a", "b"],
-               sampling={"guidance": 1.5, "tuned": tuned})
+    schedule = NoiseSchedule("linear", 100)
+    top = float(schedule.sigmas[-1])
+    tuned = [{"sampler": "heun", "steps": 3, "sigmas": [top, top / 4, top / 40, 0.0], "guidance": 1.5, "reference": "ddim:100",
+              "distance": {"tuned": 0.01, "edm": 0.02, "karras": 0.03, "none": 0.05}, "seeds": 8, "validation_seeds": 8}]
+    save_model(path, make_dit(num_classes=2), schedule, "v", ["a", "b"], sampling={"guidance": 1.5, "tuned": tuned})
     assert info_json(path)["tuned"] == tuned
     result = diffcli("info", path)
     assert result.exit_code == 0, result.output
-    assert '"sampler": "heun"' in result.stdout
+    assert "heun 3 steps, distance 0.0100 (best fixed: edm 0.0200)" in result.stdout
 
 
 def test_rich_view(models):
@@ -353,8 +355,12 @@ def _with_metadata(tmp_path: Path, name: str = "edited", edit_tensors: Callable[
      "prediction 'epsilon' cannot be sampled with schedule.zero_terminal_snr"),
     ({"sampling": '{"guidance": NaN}'}, "sampling.guidance must be a finite number, found NaN"),
     ({"sampling": '{"guidance": "high"}'}, 'sampling.guidance must be a finite number >= 0, found "high"'),
-    ({"sampling": '{"tuned": 3}'}, "sampling.tuned must be an object or a list of objects, found 3"),
-    ({"sampling": '{"tuned": [{"steps": [1]}]}'}, "sampling.tuned[0].steps must be a string, number, true, false or null"),
+    ({"sampling": '{"tuned": 3}'}, "sampling.tuned must be a list of objects, found 3"),
+    ({"sampling": '{"tuned": [{"steps": [1]}]}'}, "sampling.tuned[0].sampler is missing"),
+    ({"sampling": '{"tuned": [{"sampler": "euler_a", "steps": 2}]}'}, 'sampling.tuned[0].sampler must be one of "euler", "heun", "dpm++2m", found "euler_a"'),
+    ({"sampling": json.dumps({"tuned": [{"sampler": "euler", "steps": 2, "guidance": 1, "reference": "x", "seeds": 1,
+                                          "validation_seeds": 1, "sigmas": [1.0, 2.0, 0.0]}]})},
+     "sampling.tuned[0].sigmas: sigmas must be strictly decreasing"),
     ({"training": "7"}, "training must be an object, found 7"),
     ({"image_size": "[9, 9]"}, "image_size is [9, 9], the model config has [4, 4]"),
     ({"model_config": json.dumps({**CFG, "hidden_size": 16})},

@@ -21,10 +21,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffcli.diffusion import ode
+from diffcli.diffusion import ode, registry
 from diffcli.cli import app
 from diffcli.errors import UsageError
-from diffcli.diffusion.samplers import ImageNoise, sample
+from diffcli.diffusion.registry import sample
+from diffcli.diffusion.samplers import ImageNoise
 from diffcli.diffusion.schedule import NoiseSchedule
 
 LINEAR = NoiseSchedule("linear", 1000)
@@ -186,7 +187,7 @@ def test_euler_is_ddim_and_euler_ancestral_is_ddim_eta_one(prediction):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ode.SAMPLERS)
+@pytest.mark.parametrize("sampler", registry.ODE_SAMPLERS)
 def test_an_image_depends_only_on_its_seed(make_dit, sampler):
     """Bit-identical from the same seed; independent of the batch around it (up to batched-matmul rounding)."""
     model = make_dit(in_channels=1, learn_sigma=False)
@@ -207,7 +208,7 @@ def test_euler_ancestral_draws_its_noise_per_image():
     assert float((a[0] - deterministic[0]).abs().max()) > 0.01  # the fresh noise does change the path
 
 
-@pytest.mark.parametrize("sampler", ode.SAMPLERS)
+@pytest.mark.parametrize("sampler", registry.ODE_SAMPLERS)
 def test_v_and_epsilon_models_give_the_same_images(sampler):
     eps = run(sampler, 8, COSINE, prediction="epsilon").images
     v = run(sampler, 8, COSINE, prediction="v").images
@@ -239,7 +240,7 @@ def test_guidance():
     torch.testing.assert_close(guided.images, plain.images, rtol=0, atol=1e-7)  # rounding, scaled by sigma_max
 
 
-@pytest.mark.parametrize("sampler", ode.SAMPLERS)
+@pytest.mark.parametrize("sampler", registry.ODE_SAMPLERS)
 def test_clipping_keeps_the_image_in_range(sampler):
     model = gaussian_model(LINEAR)
 

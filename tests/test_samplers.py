@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from diffcli.errors import UsageError
-from diffcli.diffusion.samplers import ddim_step, ddpm_step, guided, predict_eps_x0, sample
+from diffcli.diffusion.registry import sample
+from diffcli.diffusion.samplers import Guided, ddim_step, ddpm_step, predict_eps_x0
 from diffcli.diffusion.schedule import NoiseSchedule
 
 LINEAR = NoiseSchedule("linear", 1000)
@@ -215,10 +216,11 @@ class CountingDenoiser:
 
 def test_guidance_one_is_the_conditional_model():
     f = CountingDenoiser()
-    assert guided(f, 1.0, 10) is f
-    assert guided(f, 3.0, None) is f  # unconditional model: nothing to guide with
     x, t, y = torch.randn(4, 3, 4, 4), torch.tensor([5.0, 5, 9, 9]), torch.tensor([0, 1, 2, 3])
-    assert torch.equal(guided(f, 1.0, 10)(x, t, y), f(x, t, y))
+    for g in (Guided(f, 1.0, 10), Guided(f, 3.0, None)):  # None: unconditional model, nothing to guide with
+        f.calls.clear()
+        assert torch.equal(g(x, t, y), f(x, t, y))
+        assert f.calls[0] == (4, [0, 1, 2, 3]) and g.guided_calls == 0
 
 
 @pytest.mark.parametrize("w", [0.0, 3.0, 7.5])
@@ -228,7 +230,7 @@ def test_guidance_combines_cond_and_uncond_in_one_batched_call(w):
     eps_c = f(x, t, y)
     eps_u = f(x, t, torch.full((4,), 10))
     f.calls.clear()
-    got = guided(f, w, 10)(x, t, y)
+    got = Guided(f, w, 10)(x, t, y)
     assert f.calls == [(8, [0, 1, 2, 3, 10, 10, 10, 10])]
     torch.testing.assert_close(got, eps_u + w * (eps_c - eps_u), rtol=1e-6, atol=1e-6)
     if w == 0.0:
@@ -239,7 +241,7 @@ def test_guidance_keeps_the_conditional_variance_half():
     f = CountingDenoiser(out_channels_factor=2)
     x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([5.0, 9]), torch.tensor([1, 2])
     cond, uncond = f(x, t, y), f(x, t, torch.full((2,), 10))
-    got = guided(f, 3.0, 10)(x, t, y)
+    got = Guided(f, 3.0, 10)(x, t, y)
     assert got.shape == (2, 6, 4, 4)
     torch.testing.assert_close(got[:, :3], uncond[:, :3] + 3 * (cond[:, :3] - uncond[:, :3]))
     assert torch.equal(got[:, 3:], cond[:, 3:])

@@ -491,7 +491,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, toy_image_folder):
 
 @pytest.mark.slow
 def test_tiny_model_learns_class_colours(tmp_path, toy_image_folder):
-    from diffcli.diffusion.samplers import sample
+    from diffcli.diffusion.registry import sample
 
     data = toy_image_folder(per_class=8, noise=25)
     # tuned on training seeds 0-7: every class mean had a margin >= 1.1, and at most 1 of 18 images

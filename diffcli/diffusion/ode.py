@@ -49,25 +49,21 @@ from diffcli.errors import UsageError
 from diffcli.diffusion.samplers import (
     Constraint,
     Denoiser,
+    Guided,
     ImageNoise,
     Level,
     SampleResult,
     Start,
     _split,
-    guided,
     predict_eps_x0,
     renoise,
     times,
 )
 from diffcli.diffusion.schedule import NoiseSchedule
 
-SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm++2m")
-SIGMA_SCHEDULES: tuple[str, ...] = ("karras", "edm")
 KARRAS_RHO = 7.0  # EDM Sec. 3: rho = 7 spends more steps at low noise, where the image takes shape
-DEFAULT_SAMPLER = "dpm++2m"  # with edm sigmas, 15 steps come as close to the ODE's solution as DDIM's 50
-DEFAULT_STEPS = 15
-DEFAULT_SPACING = "trailing"
 EDM_SIGMA_MAX = 80.0  # EDM Table 1: sigma_max = 80
+FAMILIES: tuple[str, ...] = ("karras", "edm")  # the step schedules computed here (diffcli.diffusion.registry names all)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,52 +71,41 @@ EDM_SIGMA_MAX = 80.0  # EDM Table 1: sigma_max = 80
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_sigmas(sampler: str, sigmas: str | None) -> str | None:
-    """The one rule `sample` and `inspect-schedule` share: --sigmas auto is edm for the ODE samplers
-    and the --spacing timesteps (None) for ddim/ddpm; none (or None) is the latter."""
-    if sigmas in (None, "none"):
-        return None
-    if sigmas == "auto":
-        return "edm" if sampler in SAMPLERS else None
-    return sigmas
+def explicit_sigmas(schedule: NoiseSchedule, steps: int, values: Sequence[float]) -> list[float]:
+    """Given sigmas (tuned for a model): N + 1 finite values, strictly decreasing, the last 0 and the first
+    at most the schedule's sigma_max (a start above it would leave the range the model was trained on)."""
+    out = [float(v) for v in values]
+    if len(out) != steps + 1:
+        raise UsageError(f"{steps} steps need {steps + 1} sigmas, got {len(out)}")
+    if not all(math.isfinite(v) for v in out) or out[-1] != 0.0:
+        raise UsageError("sigmas must be finite and end at 0")
+    if any(a <= b for a, b in zip(out, out[1:])):
+        raise UsageError("sigmas must be strictly decreasing")
+    top = sigma_max(schedule)
+    if out[0] > top * (1 + 1e-9):
+        raise UsageError(f"the first sigma {out[0]:g} is above the schedule's sigma_max {top:g}")
+    return out
 
 
-def resolve_spacing(sigmas: str | None, spacing: str | None) -> str:
-    """--spacing applies to the schedule's own timesteps only: with step sigmas it is a mistake to give it."""
-    if spacing is not None and sigmas is not None:
-        raise UsageError(f"--spacing does not apply to --sigmas {sigmas} (the default for ODE samplers); "
-                         "add --sigmas none to step through --spacing timesteps")
-    return spacing or DEFAULT_SPACING
-
-
-def check_sigmas(sampler: str, sigmas: str | None) -> None:
-    """--sigmas is None (the --spacing timesteps), 'karras' or 'edm', and only for the ODE samplers."""
-    if sigmas is None:
-        return
-    if sigmas not in SIGMA_SCHEDULES:
-        raise UsageError(
-            f"unknown sigmas {sigmas!r}; choose karras or edm (or leave it out for the --spacing timesteps)"
-        )
-    if sampler not in SAMPLERS:
-        raise UsageError(
-            f"--sigmas {sigmas} needs an ODE sampler ({', '.join(SAMPLERS)}); {sampler} visits the schedule's "
-            "own timesteps (choose them with --spacing)"
-        )
-
-
-def nfe(sampler: str, steps: int, sigmas: str | None = None, schedule: NoiseSchedule | None = None,
+def nfe(sampler: str, steps: int, sigmas: str | Sequence[float] | None = None, schedule: NoiseSchedule | None = None,
         span: int | None = None) -> int:
     """Model evaluations per image: heun evaluates twice per step except the last (to sigma = 0) and
-    the first-order edm jump (see edm_jump). span: as for step_sigmas."""
+    the first-order edm jump (see edm_jump). span: as for step_sigmas; sigmas may be values (tuned)."""
     if sampler != "heun":
         return steps
     jump = schedule is not None and edm_jump(step_sigmas(schedule, steps, "trailing", sigmas, span), sigmas)
     return 2 * steps - 1 - (1 if jump else 0)
 
 
-def edm_jump(sig: Sequence[float], sigmas: str | None) -> bool:
-    """Whether an 'edm' step list starts with the first-order step from the schedule's sigma_max to 80."""
-    return sigmas == "edm" and len(sig) > 2 and sig[0] > EDM_SIGMA_MAX and sig[1] == EDM_SIGMA_MAX
+def edm_jump(sig: Sequence[float], sigmas: str | Sequence[float] | None) -> bool:
+    """Whether a step list starts with one first-order step down from the schedule's top: an 'edm' list
+    (from sigma_max to 80), and a given (tuned) list that starts above 80, so that the edm list given as
+    values runs exactly as 'edm' does and a tuned list found from it keeps its first step's rule."""
+    if len(sig) <= 2 or sig[0] <= EDM_SIGMA_MAX:
+        return False
+    if sigmas is not None and not isinstance(sigmas, str):
+        return True
+    return sigmas == "edm" and sig[1] == EDM_SIGMA_MAX
 
 
 def _finite_sigmas(schedule: NoiseSchedule) -> torch.Tensor:
@@ -161,19 +146,25 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = K
     return out
 
 
-def step_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", sigmas: str | None = None,
-                span: int | None = None) -> list[float]:
+def step_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "trailing",
+                sigmas: str | Sequence[float] | None = None, span: int | None = None) -> list[float]:
     """The N + 1 sigmas an ODE sampler with N steps visits, descending, the last one 0.
+
+    sigmas: None (the --spacing timesteps), 'karras', 'edm', or the N + 1 values themselves (tuned ones,
+    diffcli.diffusion.tune), checked by explicit_sigmas.
 
     span: only the timesteps [0, span) of the schedule are run (image-to-image, diffcli.edit): the
     --spacing timesteps are those of an N-step schedule over them, and karras/edm sigmas start at
     sigma(span - 1) instead of sigma_max. None (or T) is the whole schedule."""
-    check_sigmas(SAMPLERS[0], sigmas)  # the value only; any ODE sampler accepts it
+    if sigmas is not None and not isinstance(sigmas, str):
+        return explicit_sigmas(schedule, steps, sigmas)
+    if sigmas is not None and sigmas not in FAMILIES:
+        raise UsageError(f"unknown sigmas {sigmas!r}; choose karras or edm (or None for the --spacing timesteps)")
     top = sigma_max(schedule)
     if span is not None:
         schedule.timesteps(1, spacing, span)  # the same checks of span as for the timesteps
         top = min(float(schedule.sigmas[span - 1]), top)
-    if sigmas in SIGMA_SCHEDULES:
+    if sigmas in FAMILIES:
         if not isinstance(steps, int) or steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")
         low = float(schedule.sigmas[0])
@@ -192,10 +183,11 @@ def step_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", 
 
 
 class VEDenoiser:
-    """D(x; sigma) = x0_hat from a DDPM model f(x_t, t, y) -> eps or v, counting evaluations."""
+    """D(x; sigma) = x0_hat from a DDPM model f(x_t, t, y) -> eps or v, counting evaluations (and those
+    that were guided: f is a samplers.Guided, which guides only inside its interval of sigma)."""
 
     def __init__(
-        self, f: Callable, schedule: NoiseSchedule, labels: torch.Tensor | None, prediction: str,
+        self, f: Guided, schedule: NoiseSchedule, labels: torch.Tensor | None, prediction: str,
         clip_x0: float | bool | None, t_dtype: torch.dtype,
     ) -> None:
         self.f, self.schedule, self.labels = f, schedule, labels
@@ -207,7 +199,7 @@ class VEDenoiser:
         ab = 1.0 / (1.0 + sigma**2)  # alpha_bar consistent with sigma: sigma^2 = (1 - ab) / ab
         x_t = x * math.sqrt(ab)  # back to the DDPM view the model was trained on
         t = torch.full((B,), sigma_to_t(self.schedule, sigma), device=x.device, dtype=self.t_dtype)
-        out, _ = _split(x_t, self.f(x_t, t, self.labels))
+        out, _ = _split(x_t, self.f(x_t, t, self.labels, sigma))
         self.calls += 1
         _, x0 = predict_eps_x0(x_t, out, ab, self.prediction, self.clip_x0)
         return x0
@@ -367,19 +359,23 @@ def sample(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,
-    sigmas: str | None = None,
+    sigmas: str | Sequence[float] | None = None,
     start: Start | None = None,
     constraint: Constraint | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> SampleResult:
     """Turn per-image noise into images with an ODE sampler; the arguments are those of samplers.sample.
 
-    sigmas: None (the `spacing` timesteps), 'karras' or 'edm'. With dtype float64 the timestep handed to the
-    model is float64 too (for tests against closed forms); otherwise float32, as in samplers.sample.
+    sigmas: None (the `spacing` timesteps), 'karras', 'edm' or the N + 1 sigmas themselves. With dtype
+    float64 the timestep handed to the model is float64 too (for tests against closed forms); otherwise
+    float32, as in samplers.sample.
     start: begin at sigma(start.span - 1) from start.x0 + sigma eps instead of at the top from noise alone.
+    guidance_interval: (lo, hi): guide only at lo < sigma <= hi (samplers.Guided).
     """
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown ODE sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    check_sigmas(sampler, sigmas)
+    if sampler not in STEPPERS:
+        raise UsageError(f"unknown ODE sampler {sampler!r}; choose one of {', '.join(STEPPERS)}")
+    if start is not None and sigmas is not None and not isinstance(sigmas, str):
+        raise UsageError("given sigmas start at the top of the schedule; an edit (--init-image) needs edm, karras or none")
     device = torch.device(device)
     B = len(seeds)
     if labels is None and null_label is not None:
@@ -388,7 +384,8 @@ def sample(
         labels = labels.to(device)
     sig = step_sigmas(schedule, steps, spacing, sigmas, span=start.span if start is not None else None)
     t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    denoise = VEDenoiser(guided(denoiser, guidance, null_label), schedule, labels, prediction, clip_x0, t_dtype)
+    denoise = VEDenoiser(Guided(denoiser, guidance, null_label, guidance_interval), schedule, labels, prediction,
+                         clip_x0, t_dtype)
     noise = ImageNoise(seeds, shape, device, dtype)
     if start is None:
         x = noise.draw() * sig[0]  # x = x_0 + sigma_max n with the signal negligible: (B, C, H, W)
@@ -412,4 +409,4 @@ def sample(
     else:
         x = STEPPERS[sampler](denoise, x, sig, noise, cb, constraint)
     ts = [sigma_to_t(schedule, s) for s in sig[:-1]]
-    return SampleResult(images=x, nfe=denoise.calls, timesteps=ts, sigmas=sig)
+    return SampleResult(images=x, nfe=denoise.calls, timesteps=ts, sigmas=sig, guided=denoise.f.guided_calls)

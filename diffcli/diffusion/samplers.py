@@ -32,7 +32,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 
 PREDICTIONS = ("epsilon", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned")
-SAMPLERS = ("ddim", "ddpm")
+LOOPS = ("ddim", "ddpm")  # the samplers of this module's loop; diffcli.diffusion.registry lists every sampler
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,22 +166,40 @@ def ddpm_step(
 # --------------------------------------------------------------------------------------------------
 
 
-def guided(denoiser: Denoiser, guidance: float, null_label: int | None) -> Callable:
+class Guided:
     """f(x, t, y) with classifier-free guidance (Ho & Salimans 2022):
     out = out_u + w (out_c - out_u), cond and uncond in one batched forward; w = 1 skips the uncond half.
-    For a learn_sigma model the variance half is the conditional one."""
-    if guidance == 1.0 or null_label is None:
-        return denoiser
+    For a learn_sigma model the variance half is the conditional one.
 
-    def f(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    interval (lo, hi): guidance only where lo < sigma <= hi, a single conditional forward elsewhere
+    (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and Distribution
+    Quality in Diffusion Models", Eq. 6); the caller passes the sigma of the step. guided_calls counts the
+    evaluations that were guided."""
+
+    def __init__(self, denoiser: Denoiser, guidance: float, null_label: int | None,
+                 interval: tuple[float, float] | None = None) -> None:
+        self.denoiser, self.guidance, self.null_label, self.interval = denoiser, guidance, null_label, interval
+        self.guided_calls = 0
+
+    def guides(self, sigma: float | None) -> bool:
+        if self.guidance == 1.0 or self.null_label is None:
+            return False
+        if self.interval is None or sigma is None:
+            return True
+        lo, hi = self.interval
+        return lo < sigma <= hi
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                 sigma: float | None = None) -> torch.Tensor:
+        if not self.guides(sigma):
+            return self.denoiser(x, t, y)
+        self.guided_calls += 1
         B, C = x.shape[:2]
-        y_null = torch.full_like(y, null_label)
-        out = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
+        y_null = torch.full_like(y, self.null_label)
+        out = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
         cond, uncond = out[:B], out[B:]
-        pred = uncond[:, :C] + guidance * (cond[:, :C] - uncond[:, :C])
+        pred = uncond[:, :C] + self.guidance * (cond[:, :C] - uncond[:, :C])
         return pred if out.shape[1] == C else torch.cat([pred, cond[:, C:]], dim=1)
-
-    return f
 
 
 class ImageNoise:
@@ -264,6 +282,7 @@ class SampleResult:
     nfe: int  # model evaluations per image (a guided evaluation counts once)
     timesteps: list[int] | list[float]  # where each step queries the model; fractional for diffcli.diffusion.ode
     sigmas: list[float] | None = None  # diffcli.diffusion.ode: the VE noise levels visited, the last one 0
+    guided: int = 0  # evaluations with classifier-free guidance (all of them without a guidance interval)
 
 
 def sample(
@@ -285,35 +304,27 @@ def sample(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,
-    sigmas: str | None = None,
     start: Start | None = None,
     constraint: Constraint | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> SampleResult:
-    """Turn per-image noise into images: one image per seed, shape (C, H, W) each.
+    """Turn per-image noise into images with DDIM or DDPM: one image per seed, shape (C, H, W) each.
+    (diffcli.diffusion.registry.sample runs any sampler, these and the ODE ones.)
 
     labels: (B,) class indices (None: unconditional, the null class when the model has one).
     callback(step_index, total_steps) is called after every step (for progress bars).
-    sigmas: the step schedule of the ODE samplers in diffcli.diffusion.ode (None, 'karras' or 'edm'); not for ddim/ddpm.
     start, constraint: the editing hooks (see Start and Constraint; diffcli.edit builds them).
+    guidance_interval: guide only at the timesteps whose sigma is in (lo, hi] (see Guided).
     """
-    from diffcli.diffusion import ode
-
-    ode.check_sigmas(sampler, sigmas)
-    if sampler not in SAMPLERS:
-        if sampler in ode.SAMPLERS:
-            return ode.sample(
-                denoiser, schedule, shape, steps, sampler, seeds=seeds, labels=labels, null_label=null_label,
-                guidance=guidance, prediction=prediction, spacing=spacing, clip_x0=clip_x0, device=device,
-                dtype=dtype, callback=callback, sigmas=sigmas, start=start, constraint=constraint,
-            )
-        raise UsageError(f"unknown sampler {sampler!r}")
+    if sampler not in LOOPS:
+        raise UsageError(f"unknown sampler {sampler!r} for this loop; choose one of {', '.join(LOOPS)}")
     device = torch.device(device)
     B = len(seeds)
     if labels is None and null_label is not None:
         labels = torch.full((B,), null_label, dtype=torch.long)
     if labels is not None:
         labels = labels.to(device)
-    f = guided(denoiser, guidance, null_label)
+    f = Guided(denoiser, guidance, null_label, guidance_interval)
     noise = ImageNoise(seeds, shape, device, dtype)
     ts = schedule.timesteps(steps, spacing, span=start.span if start is not None else None).tolist()
     x = noise.draw()  # x_T ~ N(0, I), also the first step's input when it is not t = T - 1
@@ -329,7 +340,7 @@ def sample(
             if r:  # RePaint resampling: back up from t_prev to t by the forward process, take the step again
                 x = renoise(x, ddpm_level(schedule, t_prev), ddpm_level(schedule, t), noise)
             t_in = torch.full((B,), float(t), device=device, dtype=torch.float32)
-            out = f(x, t_in, labels)
+            out = f(x, t_in, labels, float(schedule.sigmas[t]))
             calls += 1
             if sampler == "ddim":
                 z = noise.draw() if eta > 0 else None
@@ -343,4 +354,4 @@ def sample(
                 x = constraint(x, ddpm_level(schedule, t_prev), noise)
         if callback is not None:
             callback(i + 1, len(ts))
-    return SampleResult(images=x, nfe=calls, timesteps=ts)
+    return SampleResult(images=x, nfe=calls, timesteps=ts, guided=f.guided_calls)

@@ -19,11 +19,11 @@ from typing import Any, Callable
 import torch
 
 from diffcli import atomic
-from diffcli.diffusion import ode
+from diffcli.diffusion import registry
 from diffcli.eval.evaluate import Evaluator, resolve_features
 from diffcli.images import to_uint8
 from diffcli.model import DiT
-from diffcli.diffusion.samplers import sample
+from diffcli.diffusion.registry import sample
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.config import TrainConfig
 
@@ -57,12 +57,12 @@ class EvalHook:
         cfg, mc = self.cfg, ema.config
         n, K = cfg.eval_images, len(self.class_names)
         labels = torch.arange(n) % K if K else None
-        sigmas = ode.resolve_sigmas(ode.DEFAULT_SAMPLER, "auto")
+        sigmas = registry.resolve_sigmas(registry.DEFAULT_SAMPLER, "auto")
         batches = []
         for start in range(0, n, BATCH):
             seeds = list(range(start, min(n, start + BATCH)))  # the same noise at every evaluation
-            res = sample(ema, schedule, (mc.in_channels, mc.image_height, mc.image_width), ode.DEFAULT_STEPS,
-                         ode.DEFAULT_SAMPLER, seeds=seeds, labels=labels[seeds] if K else None,
+            res = sample(ema, schedule, (mc.in_channels, mc.image_height, mc.image_width), registry.DEFAULT_STEPS,
+                         registry.DEFAULT_SAMPLER, seeds=seeds, labels=labels[seeds] if K else None,
                          null_label=ema.null_class if K else None, guidance=cfg.guidance if K else 1.0,
                          prediction=cfg.prediction, device=self.device, sigmas=sigmas)
             batches.append(to_uint8(res.images).permute(0, 3, 1, 2))  # (B, C, H, W) uint8, as PNGs hold them

@@ -1,0 +1,193 @@
+"""The targets of `diffcli tune` (issue: automatic tuning of the noise steps), measured on one model file.
+
+Parts (--parts, comma-separated; all by default):
+  quality    mean per-pixel RMSE (in [0, 1] units) to a DDIM-1000 reference from the same noise, on the
+             tune command's validation seeds (never seen by its search), for the model's tuned sigmas at
+             N and every fixed family at N and at 1.5 N. Targets: tuned at N >= 30% closer than the best
+             fixed family at N, and at least as close as the best fixed family at 1.5 N.
+  interval   sampling wall time of the default sampler and steps (tuned sigmas) with full guidance and with
+             the stored guidance interval, interleaved, and the class accuracy of both (diffcli eval's
+             classifier of --data). Targets: >= 25% less time, accuracy within 1 point.
+  e2e        whole-process time of `diffcli sample` with no option but -n/--seed/--out, against
+             benchmarks/diffusers_pipeline.py (a diffusers DiT + DDIM-50 job of the same size), and the
+             distance of both settings to the reference (the diffusers job's images are those of DDIM-50,
+             computed with diffcli's DDIM on the same model). Target: >= 4x faster at no larger distance.
+  tune       the wall time of `diffcli tune MODEL --steps N` with its defaults. Target: under 10 minutes.
+
+    python benchmarks/tune_bench.py --checkpoint weights/diffcli-mnist.safetensors --data ../shared/data/mnist-10k
+
+Results: a table, and benchmarks/tune_results.json (--results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffcli.checkpoint import load_model  # noqa: E402
+from diffcli.diffusion import ode, registry  # noqa: E402
+from diffcli.diffusion.tune import VALIDATION_BASE, Solver, distance  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def quality(mf, steps: int, seeds: int, ref_steps: int, batch: int) -> dict:
+    entry = registry.find_tuned(mf.tuned, registry.DEFAULT_SAMPLER, steps)
+    if entry is None:
+        raise SystemExit(f"the model has no tuned {registry.DEFAULT_SAMPLER} sigmas at {steps} steps: "
+                         f"diffcli tune MODEL --steps {steps} --in-place")
+    classes = list(range(len(mf.class_names))) or [None]
+    solver = Solver(mf, entry.sampler, entry.guidance, classes, batch, torch.device("cpu"))
+    val = [VALIDATION_BASE + i for i in range(seeds)]
+    t0 = time.perf_counter()
+    ref = solver.images(val, VALIDATION_BASE, ref_steps, "ddim", None)
+    log(f"reference ddim:{ref_steps} on {seeds} validation seeds: {time.perf_counter() - t0:.0f} s")
+    rows: dict[str, float] = {}
+    more = round(1.5 * steps)
+    rows[f"tuned@{steps}"] = distance(solver.images(val, VALIDATION_BASE, steps, sigmas=list(entry.sigmas)), ref)
+    for n in (steps, more):
+        for fam in registry.FIXED:
+            rows[f"{fam}@{n}"] = distance(solver.images(val, VALIDATION_BASE, n, sigmas=None if fam == "none" else fam), ref)
+    t15 = registry.find_tuned(mf.tuned, registry.DEFAULT_SAMPLER, more)
+    if t15 is not None:
+        rows[f"tuned@{more}"] = distance(solver.images(val, VALIDATION_BASE, more, sigmas=list(t15.sigmas)), ref)
+    rows["ddim@50"] = distance(solver.images(val, VALIDATION_BASE, 50, "ddim", None), ref)
+    best_n = min(registry.FIXED, key=lambda f: rows[f"{f}@{steps}"])
+    best_more = min(registry.FIXED, key=lambda f: rows[f"{f}@{more}"])
+    improvement = 1 - rows[f"tuned@{steps}"] / rows[f"{best_n}@{steps}"]
+    for k, v in rows.items():
+        log(f"  {k:>14}: {v:.4f}")
+    return {"reference": f"ddim:{ref_steps}", "validation_seeds": seeds, "sampler": entry.sampler,
+            "guidance": entry.guidance, "distance": {k: round(v, 6) for k, v in rows.items()},
+            "best_fixed": f"{best_n}@{steps}", "improvement": round(improvement, 4),
+            "target_improvement": 0.30, "met_improvement": improvement >= 0.30,
+            "best_fixed_at_1_5n": f"{best_more}@{more}",
+            "met_1_5n": rows[f"tuned@{steps}"] <= rows[f"{best_more}@{more}"]}
+
+
+def interval(mf, data: str, images: int, reps: int, batch: int) -> dict:
+    from diffcli.eval.evaluate import Evaluator
+
+    steps, sampler = registry.DEFAULT_STEPS, registry.DEFAULT_SAMPLER
+    entry = registry.find_tuned(mf.tuned, sampler, steps)
+    if entry is None or entry.guidance_interval is None:
+        raise SystemExit(f"the model has no guidance interval with its {sampler} {steps}-step sigmas: "
+                         f"diffcli tune MODEL --steps {steps} --guidance-interval --real DIR --in-place")
+    evaluator = Evaluator.prepare(data, "auto", want_accuracy=True, log=log)
+    K = len(mf.class_names)
+    solver = Solver(mf, sampler, entry.guidance, list(range(K)), batch, torch.device("cpu"))
+    seeds = list(range(images))
+    names = [mf.class_names[i % K] for i in seeds]
+    times: dict[str, list[float]] = {"full": [], "interval": []}
+    acc: dict[str, float] = {}
+    for r in range(reps):
+        for name in (("full", "interval") if r % 2 == 0 else ("interval", "full")):
+            t0 = time.perf_counter()
+            imgs = solver.images(seeds, 0, steps, sigmas=list(entry.sigmas),
+                                 interval=entry.guidance_interval if name == "interval" else None)
+            times[name].append(time.perf_counter() - t0)
+            if name not in acc:
+                acc[name] = 100 * evaluator.score_pixels((imgs * 255).round().to(torch.uint8), names).accuracy
+    med = {k: statistics.median(v) for k, v in times.items()}
+    saving = 1 - med["interval"] / med["full"]
+    log(f"  interval {entry.guidance_interval}: {med['interval']:.1f} s vs {med['full']:.1f} s full "
+        f"({100 * saving:.1f}% less); accuracy {acc['interval']:.2f}% vs {acc['full']:.2f}%")
+    return {"sampler": sampler, "steps": steps, "images": images, "reps": reps, "interval": list(entry.guidance_interval),
+            "seconds": {k: [round(s, 2) for s in v] for k, v in times.items()},
+            "median_seconds": {k: round(v, 2) for k, v in med.items()}, "time_saving": round(saving, 4),
+            "accuracy": {k: round(v, 2) for k, v in acc.items()},
+            "met_time": saving >= 0.25, "met_accuracy": acc["full"] - acc["interval"] <= 1.0}
+
+
+def whole_process(cmd: list[str]) -> float:
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.monotonic() - t0
+
+
+def e2e(checkpoint: str, images: int, reps: int, quality_rows: dict | None) -> dict:
+    exe = Path(sys.executable).with_name("diffcli")
+    ours = [str(exe) if exe.exists() else sys.executable] + ([] if exe.exists() else ["-m", "diffcli"])
+    times: dict[str, list[float]] = {"diffcli": [], "diffusers": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmds = {"diffcli": [*ours, "sample", "-c", checkpoint, "-n", str(images), "--seed", "0", "--out",
+                            f"{tmp}/ours", "--overwrite", "-q"],
+                "diffusers": [sys.executable, str(HERE / "diffusers_pipeline.py"), "-n", str(images), "--steps", "50",
+                              "--out", f"{tmp}/theirs"]}
+        for name, cmd in cmds.items():  # warm-up: file caches, first imports
+            whole_process(cmd)
+        for r in range(reps):
+            for name in (("diffcli", "diffusers") if r % 2 == 0 else ("diffusers", "diffcli")):
+                times[name].append(whole_process(cmds[name]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["diffusers"] / med["diffcli"]
+    out = {"images": images, "reps": reps, "seconds": {k: [round(s, 2) for s in v] for k, v in times.items()},
+           "median_seconds": {k: round(v, 2) for k, v in med.items()}, "speedup": round(ratio, 2),
+           "met_speed": ratio >= 4}
+    if quality_rows:
+        d = quality_rows["distance"]
+        default = d.get(f"tuned@{registry.DEFAULT_STEPS}", d.get(f"edm@{registry.DEFAULT_STEPS}"))
+        out.update(default_distance=default, ddim50_distance=d["ddim@50"], met_distance=default <= d["ddim@50"])
+    log(f"  e2e: diffcli {med['diffcli']:.1f} s, diffusers DDIM-50 {med['diffusers']:.1f} s: {ratio:.2f}x")
+    return out
+
+
+def tune_time(checkpoint: str, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(sys.executable).with_name("diffcli")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "diffcli"]
+        t = whole_process([*cmd, "tune", checkpoint, "--steps", str(steps), "--out", f"{tmp}/t.safetensors", "-q"])
+    log(f"  tune --steps {steps}: {t / 60:.1f} minutes")
+    return {"steps": steps, "seconds": round(t, 1), "met": t < 600}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=str(HERE.parent / "weights" / "diffcli-mnist.safetensors"))
+    ap.add_argument("--data", default=None, help="the class folder for the interval part's classifier")
+    ap.add_argument("--parts", default="quality,interval,e2e,tune")
+    ap.add_argument("--steps", type=int, default=10, help="N of the quality and tune parts")
+    ap.add_argument("--seeds", type=int, default=32, help="validation seeds of the quality part")
+    ap.add_argument("--reference-steps", type=int, default=1000)
+    ap.add_argument("--interval-images", type=int, default=500)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--results", default=str(HERE / "tune_results.json"))
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    mf = load_model(args.checkpoint)
+    res: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "checkpoint": args.checkpoint,
+                 "model_hash": mf.model_hash, "machine": {"cpu": platform.processor() or platform.machine(),
+                                                          "torch_threads": torch.get_num_threads()}}
+    if "quality" in parts:
+        res["quality"] = quality(mf, args.steps, args.seeds, args.reference_steps, args.batch_size)
+    if "interval" in parts:
+        if not args.data:
+            raise SystemExit("the interval part needs --data (the class folder for the classifier)")
+        res["interval"] = interval(mf, args.data, args.interval_images, args.reps, args.batch_size)
+    if "e2e" in parts:
+        res["e2e"] = e2e(args.checkpoint, 64, max(args.reps, 3), res.get("quality"))
+    if "tune" in parts:
+        res["tune"] = tune_time(args.checkpoint, args.steps)
+    Path(args.results).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

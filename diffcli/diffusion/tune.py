@@ -1,0 +1,443 @@
+"""`diffcli tune`: the N + 1 sigmas (and a guidance interval) that suit one model, found on its own samples.
+
+Align Your Steps (Sabour et al. 2024) shows that step schedules chosen for a model beat the fixed
+families (edm, karras); the criterion here is the direct one: the mean per-pixel RMSE, in [0, 1] pixel
+units, between an N-step sample and a reference solve of many steps from the same noise, averaged over
+the training seeds. The search is a coordinate descent on log sigma: each interior sigma in turn moves a
+fraction of the way towards a neighbour and the move is kept when the training distance falls; the
+fraction halves after a sweep that keeps nothing. It starts from the best fixed family, so on the
+training seeds it can only improve; the result is then measured on separate validation seeds against
+every fixed family and stored only when it beats the best of them there.
+
+Guidance interval (Kynkaanniemi et al. 2024): guidance is dropped from the steps at the ends of the
+schedule, one step at a time from the top and then from the bottom, as long as the class accuracy of the
+tune set's samples (the classifier `diffcli eval` trains on --real) stays within the tolerance of full
+guidance. The interval is stored in sigma, half way (in log sigma) between the last guided and the
+first unguided level, so it means the same to any step list.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from diffcli import atomic
+from diffcli.diffusion import ode, registry
+from diffcli.diffusion.registry import Tuned
+from diffcli.errors import InputError, OutputExistsError, UsageError
+
+VALIDATION_BASE = 1_000_000  # validation seeds are VALIDATION_BASE + i: never a training seed
+INTERVAL_BASE = 2_000_000  # seeds of the guidance interval's accuracy check
+DEFAULT_REFERENCE = "dpm++2m:100"
+MIN_FRACTION = 1 / 64  # the search stops when a move of this fraction of the gap to a neighbour helps no more
+
+Log = Callable[[str], None]
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class TuneOptions:
+    model: str
+    steps: int
+    sampler: str | None = None  # default: registry.DEFAULT_SAMPLER, what `sample` uses
+    guidance: float | None = None  # default: the model file's
+    classes: list[str] = field(default_factory=list)  # the classes cycled over the seeds (default: all)
+    seeds: int = 32  # training seeds 0 .. seeds - 1
+    validation_seeds: int = 32  # VALIDATION_BASE + i
+    reference: str = DEFAULT_REFERENCE  # SAMPLER:STEPS
+    max_evaluations: int = 120  # N-step solves of the training seeds during the search
+    guidance_interval: bool = False  # also search where guidance is needed
+    real: str | None = None  # the class folder for the interval's classifier
+    interval_images: int = 200
+    accuracy_tolerance: float = 1.0  # percentage points the interval may cost
+    out: str | None = None
+    in_place: bool = False
+    overwrite: bool = False
+    batch_size: int = 64
+    device: str = "auto"
+    cache: str | None = None  # diffcli eval's cache folder (its classifier)
+
+
+@dataclass
+class TuneResult:
+    model: str
+    sampler: str
+    steps: int
+    guidance: float
+    reference: str
+    seeds: int
+    validation_seeds: int
+    sigmas: list[float]
+    train_distance: dict[str, float]
+    distance: dict[str, float]  # validation
+    best_fixed: str
+    improvement: float  # 1 - tuned / best fixed, on validation
+    better: bool
+    stored: str | None
+    evaluations: int
+    seconds: float
+    guidance_interval: tuple[float, float] | None = None
+    accuracy: dict[str, float] | None = None
+    interval_seconds: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("model", "sampler", "steps", "guidance", "reference", "seeds",
+                                           "validation_seeds", "sigmas", "train_distance", "distance", "best_fixed",
+                                           "improvement", "better", "stored", "evaluations", "seconds")}
+        if self.accuracy is not None:
+            d.update(guidance_interval=list(self.guidance_interval) if self.guidance_interval else None,
+                     accuracy=self.accuracy, interval_seconds=self.interval_seconds)
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks, before anything is computed
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_reference(text: str, num_timesteps: int) -> tuple[str, int]:
+    """SAMPLER:STEPS of a deterministic sampler (the same noise must give the same image)."""
+    name, _, steps = text.partition(":")
+    if not steps.isdecimal():
+        raise UsageError(f"--reference must be SAMPLER:STEPS, e.g. ddim:1000, got {text!r}")
+    s = registry.spec(name)
+    if s.stochastic:
+        raise UsageError(f"--reference needs a deterministic sampler (ddim or {', '.join(registry.TUNABLE)}), not {name}")
+    n = int(steps)
+    if not 2 <= n <= num_timesteps:
+        raise UsageError(f"--reference steps must be between 2 and the model's {num_timesteps} timesteps, got {n}")
+    return name, n
+
+
+def check_destination(opts: TuneOptions) -> Path | None:
+    """Where the tuned model file goes (None: report only), refused now rather than after the search."""
+    if opts.out and opts.in_place:
+        raise UsageError("give either --out FILE or --in-place, not both")
+    if opts.in_place:
+        path = Path(opts.model)
+        if not os.access(path, os.W_OK) or not os.access(path.resolve().parent, os.W_OK):
+            raise InputError(f"{path} is read-only (or its folder is): --in-place cannot replace it; write a copy "
+                             "with --out FILE")
+        return path
+    if opts.out:
+        path = Path(opts.out)
+        if Path(opts.out).resolve() == Path(opts.model).resolve():
+            raise UsageError("--out is the model file itself; use --in-place to replace it")
+        if path.suffix != ".safetensors":
+            raise UsageError(f"--out must end in .safetensors, got {str(path)!r}")
+        if not path.resolve().parent.is_dir():
+            raise UsageError(f"the folder of --out does not exist: {path.parent} (create it first)")
+        if path.exists() and not opts.overwrite:
+            raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+        return path
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling the seed sets
+# --------------------------------------------------------------------------------------------------
+
+
+class Solver:
+    """Solves the probability-flow ODE of one model for a set of seeds with given step sigmas; counts solves."""
+
+    def __init__(self, mf: Any, sampler: str, guidance: float, classes: list[int | None], batch_size: int,
+                 device: torch.device) -> None:
+        self.mf, self.sampler, self.guidance, self.classes = mf, sampler, guidance, classes
+        self.batch_size, self.device = batch_size, device
+        cfg = mf.config
+        self.shape = (cfg.in_channels, cfg.image_height, cfg.image_width)
+        self.null = mf.model.null_class if cfg.num_classes else None
+        self.solves = 0
+
+    def labels(self, seeds: Sequence[int], offset: int) -> torch.Tensor | None:
+        if self.null is None:
+            return None
+        return torch.tensor([self.null if c is None else c for c in
+                             (self.classes[(s - offset) % len(self.classes)] for s in seeds)], dtype=torch.long)
+
+    @torch.inference_mode()
+    def images(self, seeds: Sequence[int], offset: int, steps: int, sampler: str | None = None,
+               sigmas: str | list[float] | None = None, interval: tuple[float, float] | None = None,
+               guidance: float | None = None) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1], float64 for the distances; image i from seed seeds[i]."""
+        out = []
+        for start in range(0, len(seeds), self.batch_size):
+            chunk = list(seeds[start:start + self.batch_size])
+            res = registry.sample(self.mf.model, self.mf.schedule, self.shape, steps, sampler or self.sampler,
+                                  sigmas=sigmas, seeds=chunk, labels=self.labels(chunk, offset), null_label=self.null,
+                                  guidance=self.guidance if guidance is None else guidance,
+                                  prediction=self.mf.prediction, device=self.device, guidance_interval=interval)
+            out.append(((res.images.double().clamp(-1, 1) + 1) / 2).cpu())
+        return torch.cat(out)
+
+
+def distance(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over images of the per-pixel RMSE (as the step study measures)."""
+    return float(((images - reference) ** 2).flatten(1).mean(1).sqrt().mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------------------------------
+
+
+def coordinate_descent(start: list[float], top: float, floor: float, objective: Callable[[list[float]], float],
+                       max_evaluations: int, progress: Callable[[int], None] | None = None) -> tuple[list[float], float, int]:
+    """Minimise objective(sigmas) over the interior sigmas of start (top, s_1 > ... > s_{N-1}, 0), each kept
+    strictly between its neighbours (top above the first, floor below the last) in log sigma.
+    Returns (best sigmas, best value, evaluations)."""
+    u = [math.log(s) for s in start[1:-1]]
+    lo_end, hi_end = math.log(floor), math.log(top)
+
+    def sigmas(v: list[float]) -> list[float]:
+        return [top] + [math.exp(x) for x in v] + [0.0]
+
+    best = objective(sigmas(u))
+    evals, frac = 1, 0.5
+    while frac >= MIN_FRACTION and evals < max_evaluations:
+        kept = False
+        for i in range(len(u)):
+            upper = hi_end if i == 0 else u[i - 1]
+            lower = lo_end if i == len(u) - 1 else u[i + 1]
+            for target in (upper, lower):
+                if evals >= max_evaluations:
+                    break
+                cand = list(u)
+                cand[i] = u[i] + frac * (target - u[i])
+                if not (lower < cand[i] < upper):  # a move too small to tell apart in floating point
+                    continue
+                value = objective(sigmas(cand))
+                evals += 1
+                if progress:
+                    progress(evals)
+                if value < best:
+                    u, best, kept = cand, value, True
+                    break
+        if not kept:
+            frac /= 2
+    return sigmas(u), best, evals
+
+
+def _guided_window(sig: list[float], first: int, last: int) -> tuple[float, float]:
+    """The interval (lo, hi] that guides exactly the steps first..last of sig (their starting sigmas):
+    its ends half way in log sigma to the neighbouring levels (sig[-1] = 0: half the last level)."""
+    hi = sig[0] if first == 0 else math.sqrt(sig[first] * sig[first - 1])
+    nxt = sig[last + 1]
+    lo = sig[last] / 2 if nxt == 0 else math.sqrt(sig[last] * nxt)
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = None) -> TuneResult:
+    from diffcli.checkpoint import load_model, with_sampling
+    from diffcli.device import resolve_device
+    from diffcli.generate import resolve_classes
+
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+    sampler = opts.sampler or registry.DEFAULT_SAMPLER
+    s = registry.spec(sampler)
+    if not s.tunable:
+        raise UsageError(f"tune needs a deterministic ODE sampler ({', '.join(registry.TUNABLE)}); {sampler} "
+                         + ("adds noise at every step" if s.stochastic else "visits the schedule's own timesteps "
+                            "(euler takes the same steps as ddim and can be tuned)"))
+    if not 1 <= opts.seeds <= 100_000 or not 1 <= opts.validation_seeds <= 100_000:
+        raise UsageError("--seeds and --validation-seeds must be between 1 and 100000")
+    if opts.max_evaluations < 1:
+        raise UsageError(f"--max-evaluations must be >= 1, got {opts.max_evaluations}")
+    if opts.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.guidance is not None and (not math.isfinite(opts.guidance) or opts.guidance < 0):
+        raise UsageError(f"--guidance must be >= 0, got {opts.guidance}")
+    if opts.guidance_interval:
+        if not opts.real:
+            raise UsageError("--guidance-interval needs --real DIR: the class folder whose classifier judges the samples")
+        if not 10 <= opts.interval_images <= 100_000:
+            raise UsageError(f"--interval-images must be between 10 and 100000, got {opts.interval_images}")
+        if not 0 <= opts.accuracy_tolerance <= 100:
+            raise UsageError(f"--accuracy-tolerance must be between 0 and 100 points, got {opts.accuracy_tolerance}")
+    elif opts.real:
+        raise UsageError("--real is for --guidance-interval")
+    dest = check_destination(opts)
+    device = resolve_device(opts.device)
+    mf = load_model(opts.model, device)
+    T = mf.schedule.num_timesteps
+    if not 2 <= opts.steps <= T:
+        raise UsageError(f"--steps must be between 2 and the model's {T} timesteps, got {opts.steps}")
+    ref_sampler, ref_steps = parse_reference(opts.reference, T)
+    guidance = opts.guidance if opts.guidance is not None else float(mf.sampling.get("guidance", 1.0))
+    if not mf.class_names:
+        guidance = 1.0
+        if opts.classes:
+            raise UsageError("--class was given but this model is unconditional (it has no classes)")
+        if opts.guidance_interval:
+            raise UsageError("--guidance-interval needs a class-conditional model (an unconditional one has no guidance)")
+    elif opts.guidance_interval and guidance == 1.0:
+        raise UsageError("--guidance-interval needs guidance: the model's default is 1 (off); give --guidance")
+    picked = resolve_classes(opts.classes, mf, len(mf.class_names) if not opts.classes else len(opts.classes))
+    solver = Solver(mf, sampler, guidance, picked or [None], opts.batch_size, device)
+    N = opts.steps
+    train = list(range(opts.seeds))
+    val = [VALIDATION_BASE + i for i in range(opts.validation_seeds)]
+    say = progress or (lambda i, n, task: None)
+
+    # the reference, from the same noise as every N-step solve
+    ref_sigmas = registry.resolve_sigmas(ref_sampler, "auto", ref_steps)
+    log(f"tuning {sampler} at {N} steps, guidance {guidance:g}, against {ref_sampler}:{ref_steps} on "
+        f"{len(train)} training and {len(val)} validation seeds")
+    say(0, 2, "reference")
+    ref_train = solver.images(train, 0, ref_steps, ref_sampler, ref_sigmas)
+    say(1, 2, "reference")
+    ref_val = solver.images(val, VALIDATION_BASE, ref_steps, ref_sampler, ref_sigmas)
+    say(2, 2, "reference")
+
+    schedule = mf.schedule
+    fixed = {name: ode.step_sigmas(schedule, N, registry.DEFAULT_SPACING, None if name == "none" else name)
+             for name in registry.FIXED}
+    train_distance = {name: distance(solver.images(train, 0, N, sigmas=name if name != "none" else None), ref_train)
+                      for name in fixed}
+    start_family = min(train_distance, key=train_distance.get)
+    top, floor = ode.sigma_max(schedule), float(schedule.sigmas[0])
+    start = list(fixed[start_family])
+    start[0] = top  # every family starts at the schedule's top; only rounding could differ
+    log(f"fixed families on the training seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in train_distance.items())
+        + f"; the search starts from {start_family}")
+
+    def objective(sig: list[float]) -> float:
+        return distance(solver.images(train, 0, N, sigmas=sig), ref_train)
+
+    best, best_train, evals = coordinate_descent(
+        start, top, floor, objective, opts.max_evaluations,
+        lambda k: say(k, opts.max_evaluations, "search"))
+    train_distance["tuned"] = best_train
+    say(opts.max_evaluations, opts.max_evaluations, "search")
+
+    # validation: the tuned sigmas against every fixed family, on seeds the search never saw
+    dist = {"tuned": distance(solver.images(val, VALIDATION_BASE, N, sigmas=best), ref_val)}
+    for name in fixed:
+        dist[name] = distance(solver.images(val, VALIDATION_BASE, N, sigmas=name if name != "none" else None), ref_val)
+    best_fixed = min((k for k in dist if k != "tuned"), key=dist.get)
+    better = dist["tuned"] < dist[best_fixed]
+    improvement = 1 - dist["tuned"] / dist[best_fixed] if dist[best_fixed] > 0 else 0.0
+
+    interval = accuracy = seconds = None
+    if opts.guidance_interval and better:
+        interval, accuracy, seconds = search_interval(solver, opts, best, log, say)
+
+    stored = None
+    if better and dest is not None:
+        entry = Tuned(sampler, N, tuple(best), guidance, f"{ref_sampler}:{ref_steps}",
+                      {k: round(v, 6) for k, v in dist.items()}, len(train), len(val), interval,
+                      accuracy or {})
+        kept = [t.to_dict() for t in mf.tuned if (t.sampler, t.steps) != (sampler, N)]
+        if len(kept) >= registry.MAX_TUNED:
+            raise UsageError(f"{opts.model} already holds {registry.MAX_TUNED} tuned entries; remove some first")
+        sampling = {**mf.sampling, "tuned": kept + [entry.to_dict()]}
+        data = with_sampling(opts.model, sampling)
+        atomic.write_bytes(dest, data, overwrite=opts.in_place or opts.overwrite)
+        stored = str(dest)
+    return TuneResult(str(opts.model), sampler, N, guidance, f"{ref_sampler}:{ref_steps}", len(train), len(val),
+                      [float(v) for v in best], train_distance, dist, best_fixed, improvement, better, stored, evals,
+                      round(time.perf_counter() - started, 2), interval, accuracy, seconds)
+
+
+def narrowest_window(N: int, measure: Callable[[tuple[int, int] | None], tuple[float, float]], tolerance: float,
+                     step: Callable[[], None] | None = None) -> tuple[tuple[int, int] | None, float, float, float, float]:
+    """The run of guided steps first..last (0-based) to keep: measure(window) gives (accuracy, seconds) of
+    samples guided at those steps only (None: every step). Steps are dropped from the top end while the
+    accuracy stays >= full - tolerance, then from the bottom end. Returns (window, or None when no step
+    could go; accuracy and seconds with it; accuracy and seconds with full guidance)."""
+    full, full_s = measure(None)
+    first, last, acc, acc_s = 0, N - 1, full, full_s
+    for end in ("top", "bottom"):
+        while first < last:
+            cand = (first + 1, last) if end == "top" else (first, last - 1)
+            a, secs = measure(cand)
+            if step:
+                step()
+            if a < full - tolerance:
+                break
+            (first, last), acc, acc_s = cand, a, secs
+    if (first, last) == (0, N - 1):
+        return None, full, full_s, full, full_s
+    return (first, last), acc, acc_s, full, full_s
+
+
+def search_interval(solver: Solver, opts: TuneOptions, sig: list[float], log: Log,
+                    say: Progress) -> tuple[tuple[float, float] | None, dict[str, float], dict[str, float]]:
+    """narrowest_window on the tune set's samples, judged by diffcli eval's classifier of --real. Returns
+    (interval or None when every step needs guidance, accuracy in percent {full, interval}, sampling
+    seconds of both)."""
+    from diffcli.eval.evaluate import Evaluator
+
+    evaluator = Evaluator.prepare(opts.real, "auto", cache_dir=opts.cache, device=solver.device,
+                                  want_accuracy=True, log=log)
+    names = solver.mf.class_names
+    seeds = [INTERVAL_BASE + i for i in range(opts.interval_images)]
+    classes = [names[c] if c is not None else "" for c in
+               (solver.classes[i % len(solver.classes)] for i in range(len(seeds)))]
+    N = len(sig) - 1
+
+    def measure(window: tuple[int, int] | None) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        imgs = solver.images(seeds, INTERVAL_BASE, N, sigmas=sig,
+                             interval=_guided_window(sig, *window) if window else None)
+        secs = time.perf_counter() - t0
+        score = evaluator.score_pixels((imgs * 255).round().to(torch.uint8), classes)
+        if score.accuracy is None:
+            raise InputError(f"{opts.real}: its class folders do not match the model's classes ({', '.join(names)})")
+        return 100 * score.accuracy, secs
+
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        say(done[0], N, "interval")
+
+    window, acc, secs, full, full_s = narrowest_window(N, measure, opts.accuracy_tolerance, step)
+    accuracy = {"full": round(full, 2), "interval": round(acc, 2)}
+    seconds = {"full": round(full_s, 2), "interval": round(secs, 2)}
+    if window is None:
+        log(f"guidance interval: every step needs guidance (accuracy {full:.1f}% with it)")
+        return None, accuracy, seconds
+    lo, hi = _guided_window(sig, *window)
+    log(f"guidance interval: sigma {lo:.4g} to {hi:.4g} (steps {window[0] + 1}-{window[1] + 1} of {N}); class accuracy "
+        f"{acc:.1f}% against {full:.1f}% with guidance at every step")
+    return (lo, hi), accuracy, seconds
+
+
+def table(result: TuneResult) -> Any:
+    """The rich table `diffcli tune` prints: distance to the reference per step schedule, both seed sets."""
+    from rich.table import Table
+
+    tab = Table(title=f"{result.sampler}, {result.steps} steps, guidance {result.guidance:g}: mean per-pixel RMSE "
+                      f"to {result.reference}")
+    for header in ("sigmas", f"training ({result.seeds} seeds)", f"validation ({result.validation_seeds} seeds)", ""):
+        tab.add_column(header, justify="right" if header else "left")
+    order = ["tuned"] + sorted((k for k in result.distance if k != "tuned"), key=result.distance.get)
+    for name in order:
+        note = ""
+        if name == "tuned":
+            note = (f"{100 * result.improvement:.1f}% closer than {result.best_fixed}" if result.better
+                    else f"no better than {result.best_fixed}: not stored")
+        elif name == result.best_fixed:
+            note = "best fixed"
+        tab.add_row(name, f"{result.train_distance[name]:.4f}", f"{result.distance[name]:.4f}", note)
+    if result.accuracy is not None:
+        gi = result.guidance_interval
+        where = f"sigma {gi[0]:.4g} to {gi[1]:.4g}" if gi else "every step"
+        tab.caption = (f"guidance interval: {where}; class accuracy {result.accuracy['interval']:.1f}% "
+                       f"(full guidance {result.accuracy['full']:.1f}%); sampling {result.interval_seconds['interval']:.1f} s "
+                       f"vs {result.interval_seconds['full']:.1f} s")
+    return tab
