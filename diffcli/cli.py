@@ -341,7 +341,7 @@ def tune(
     seeds: int = typer.Option(32, "--seeds", help="Training seeds (0..K-1): the search minimises their distance to the reference."),
     validation_seeds: int = typer.Option(32, "--validation-seeds", help="Separate seeds the result is judged on."),
     reference: str = typer.Option("dpm++2m:100", "--reference", help="SAMPLER:STEPS of the reference solve, e.g. ddim:1000."),
-    max_evaluations: int = typer.Option(120, "--max-evaluations", help="N-step solves of the training seeds the search may spend."),
+    max_evaluations: int = typer.Option(200, "--max-evaluations", help="N-step solves of the training seeds the search may spend."),
     guidance_interval: bool = typer.Option(False, "--guidance-interval", help="Also find where guidance is needed (needs --real); stored with the sigmas."),
     real: Optional[Path] = typer.Option(None, "--real", help="With --guidance-interval: the class folder whose classifier (as diffcli eval) judges the samples."),
     interval_images: int = typer.Option(200, "--interval-images", help="With --guidance-interval: images per accuracy check."),

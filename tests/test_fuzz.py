@@ -77,11 +77,16 @@ def model_files(tmp_path_factory, make_dit) -> dict[str, Path]:
     """fp32 and fp16 files of a conditional model with learned variance and one long skip (depth 3)."""
     folder = tmp_path_factory.mktemp("fuzz-models")
     model = make_dit(num_classes=3, learn_sigma=True, long_skip=True, depth=3)
+    schedule = NoiseSchedule("cosine", 100)
+    top = float(schedule.sigmas[-1])
+    tuned = [{"sampler": "dpm++2m", "steps": 3, "sigmas": [top, 5.0, 0.5, 0.0], "guidance": 2.0,  # diffcli tune's entry
+              "reference": "dpm++2m:100", "distance": {"tuned": 0.01, "edm": 0.02}, "seeds": 4, "validation_seeds": 4,
+              "guidance_interval": [0.3, 6.0], "accuracy": {"full": 90.0, "interval": 89.5}}]
     paths = {}
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
         paths[name] = folder / f"{name}.safetensors"
-        save_model(paths[name], model, NoiseSchedule("cosine", 100), "v", ["a", "b", "c"],
-                   training={"steps": 5, "note": "fuzz"}, sampling={"guidance": 2.0}, dtype=dtype)
+        save_model(paths[name], model, schedule, "v", ["a", "b", "c"],
+                   training={"steps": 5, "note": "fuzz"}, sampling={"guidance": 2.0, "tuned": tuned}, dtype=dtype)
     return paths
 
 

@@ -225,6 +225,10 @@ def test_sample_uses_the_stored_sigmas_exactly(model_file, tmp_path):
     sampling = next(r for r in recs if r["kind"] == "sampling")
     assert sampling["sigmas"] == "tuned" and sampling["step_sigmas"] == sig
     assert [r for r in recs if r["kind"] == "tuned"] == [{"kind": "tuned", **entry(sig, interval=(0.5, 20.0))}]
+    res = diffcli("inspect-schedule", "--checkpoint", tuned, "--steps", 6)
+    assert res.exit_code == 0, res.output
+    assert "the 6 noise levels dpm++2m steps from (tuned sigmas)" in res.stdout
+    assert "tuned: dpm++2m 6 steps at guidance 2: sigmas" in res.stdout and "guidance interval 0.5 to 20" in res.stdout
     # sample: auto picks them (and the stored interval) at 6 steps, edm at 7; the pixels are those of the
     # sampler run on the stored values
     out = tmp_path / "out"
@@ -405,3 +409,18 @@ def test_the_edm_list_given_as_values_runs_exactly_as_edm(make_dit):
         a = registry.sample(model, SCHEDULE, (1, 8, 8), 5, sampler, sigmas="edm", **kw)
         b = registry.sample(model, SCHEDULE, (1, 8, 8), 5, sampler, sigmas=sig, **kw)
         assert torch.equal(a.images, b.images) and a.nfe == b.nfe, sampler
+
+
+def test_memo_gives_the_models_own_outputs_and_skips_the_shared_start(make_dit):
+    """Two step lists that differ from their 4th level on: the second run looks up the evaluations at the
+    first three levels (the same inputs) and its images are those of the bare model, bit for bit."""
+    model = make_dit(num_classes=2, in_channels=1)
+    memo = tune.Memo(model, size=64)
+    a, b = hand_sigmas(6), hand_sigmas(6)
+    b[3] = math.sqrt(b[3] * b[4])
+    kw = dict(seeds=[0, 1], labels=torch.tensor([0, 1]), null_label=2, guidance=2.0, prediction="v")
+    for sig in (a, b):
+        bare = registry.sample(model, SCHEDULE, (1, 8, 8), 6, "dpm++2m", sigmas=sig, **kw)
+        memoised = registry.sample(memo, SCHEDULE, (1, 8, 8), 6, "dpm++2m", sigmas=sig, **kw)
+        assert torch.equal(bare.images, memoised.images)
+    assert memo.misses == 6 + 3 and memo.hits == 3

@@ -270,9 +270,11 @@ def parse_interval(text: str | None) -> str | tuple[float, float] | None:
 
 def check_interval(value: Any, schedule: NoiseSchedule) -> tuple[float, float]:
     """(lo, hi) with 0 <= lo < hi, both finite and inside the model's sigma range [0, sigma_max]."""
+    from diffcli.validate import describe
+
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise UsageError(f"a guidance interval is two numbers LO,HI, got {value!r}")
+        raise UsageError(f"a guidance interval is two numbers LO,HI, got {describe(list(value) if isinstance(value, tuple) else value)}")
     lo, hi = float(value[0]), float(value[1])
     top = ode.sigma_max(schedule)
     if not (math.isfinite(lo) and math.isfinite(hi)):

@@ -51,7 +51,7 @@ class TuneOptions:
     seeds: int = 32  # training seeds 0 .. seeds - 1
     validation_seeds: int = 32  # VALIDATION_BASE + i
     reference: str = DEFAULT_REFERENCE  # SAMPLER:STEPS
-    max_evaluations: int = 120  # N-step solves of the training seeds during the search
+    max_evaluations: int = 200  # N-step solves of the training seeds during the search
     guidance_interval: bool = False  # also search where guidance is needed
     real: str | None = None  # the class folder for the interval's classifier
     interval_images: int = 200
@@ -144,17 +144,47 @@ def check_destination(opts: TuneOptions) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 
 
+class Memo:
+    """The model with a memory of its recent outputs. The search's candidates differ from the current best
+    in one sigma, so they share the start of its trajectory: the same inputs reach the model, and their
+    outputs are looked up instead of computed again (about half the evaluations of a search). An input
+    is recognised by its timestep, shape, labels and two float64 checksums of x; the model is deterministic,
+    so the same input gives the same output bit for bit."""
+
+    def __init__(self, model: Callable, size: int) -> None:
+        from collections import OrderedDict
+
+        self.model, self.size = model, size
+        self.store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        xd = x.detach().double()
+        key = (tuple(x.shape), float(t[0]), float(xd.sum()), float(xd.square().sum()),
+               None if y is None else tuple(y.tolist()))
+        if key in self.store:
+            self.store.move_to_end(key)
+            self.hits += 1
+            return self.store[key]
+        out = self.model(x, t, y)
+        self.misses += 1
+        self.store[key] = out
+        if len(self.store) > self.size:
+            self.store.popitem(last=False)
+        return out
+
+
 class Solver:
-    """Solves the probability-flow ODE of one model for a set of seeds with given step sigmas; counts solves."""
+    """Solves the probability-flow ODE of one model for a set of seeds with given step sigmas."""
 
     def __init__(self, mf: Any, sampler: str, guidance: float, classes: list[int | None], batch_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, memo: int = 0) -> None:
         self.mf, self.sampler, self.guidance, self.classes = mf, sampler, guidance, classes
         self.batch_size, self.device = batch_size, device
         cfg = mf.config
         self.shape = (cfg.in_channels, cfg.image_height, cfg.image_width)
         self.null = mf.model.null_class if cfg.num_classes else None
-        self.solves = 0
+        self.denoiser: Callable = Memo(mf.model, memo) if memo else mf.model
 
     def labels(self, seeds: Sequence[int], offset: int) -> torch.Tensor | None:
         if self.null is None:
@@ -170,7 +200,7 @@ class Solver:
         out = []
         for start in range(0, len(seeds), self.batch_size):
             chunk = list(seeds[start:start + self.batch_size])
-            res = registry.sample(self.mf.model, self.mf.schedule, self.shape, steps, sampler or self.sampler,
+            res = registry.sample(self.denoiser, self.mf.schedule, self.shape, steps, sampler or self.sampler,
                                   sigmas=sigmas, seeds=chunk, labels=self.labels(chunk, offset), null_label=self.null,
                                   guidance=self.guidance if guidance is None else guidance,
                                   prediction=self.mf.prediction, device=self.device, guidance_interval=interval)
@@ -286,8 +316,9 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     elif opts.guidance_interval and guidance == 1.0:
         raise UsageError("--guidance-interval needs guidance: the model's default is 1 (off); give --guidance")
     picked = resolve_classes(opts.classes, mf, len(mf.class_names) if not opts.classes else len(opts.classes))
-    solver = Solver(mf, sampler, guidance, picked or [None], opts.batch_size, device)
     N = opts.steps
+    batches = -(-opts.seeds // opts.batch_size)
+    solver = Solver(mf, sampler, guidance, picked or [None], opts.batch_size, device, memo=4 * N * batches)
     train = list(range(opts.seeds))
     val = [VALIDATION_BASE + i for i in range(opts.validation_seeds)]
     say = progress or (lambda i, n, task: None)
@@ -321,6 +352,9 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
         start, top, floor, objective, opts.max_evaluations,
         lambda k: say(k, opts.max_evaluations, "search"))
     train_distance["tuned"] = best_train
+    if isinstance(solver.denoiser, Memo):
+        m = solver.denoiser
+        log(f"search: {evals} solves, {m.hits} of {m.hits + m.misses} model evaluations looked up rather than run")
     say(opts.max_evaluations, opts.max_evaluations, "search")
 
     # validation: the tuned sigmas against every fixed family, on seeds the search never saw
