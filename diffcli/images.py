@@ -76,6 +76,7 @@ def parameters_text(p: dict[str, Any]) -> str:
         ("Eta", p.get("eta") if p.get("sampler") == "ddim" else None),
         ("Spacing", p.get("spacing") if not p.get("sigmas") else None),
         ("Sigmas", p.get("sigmas")),
+        ("Guidance interval", f'"{p["guidance_interval"]}"' if p.get("guidance_interval") else None),  # quoted: has a comma
         ("NFE", p.get("nfe")),
         ("Denoising strength", p.get("strength")),  # an edit (the name other tools use)
         ("Mask blur", p.get("mask_blur") or None),

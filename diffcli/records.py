@@ -62,7 +62,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     },
     "tune": {
         "result": (("model", "sampler", "steps", "guidance", "reference", "seeds", "validation_seeds", "sigmas",
-                    "train_distance", "distance", "best_fixed", "improvement", "better", "stored", "evaluations",
+                    "train_distance", "distance", "best_fixed", "improvement", "start", "better", "stored", "evaluations",
                     "seconds"), ("guidance_interval", "accuracy", "interval_seconds")),
         "progress": _PROGRESS,
         "error": _ERROR,

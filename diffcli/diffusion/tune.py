@@ -78,6 +78,7 @@ class TuneResult:
     distance: dict[str, float]  # validation
     best_fixed: str
     improvement: float  # 1 - tuned / best fixed, on validation
+    start: str  # the fixed family the search started from (the best on the training seeds)
     better: bool
     stored: str | None
     evaluations: int
@@ -89,7 +90,7 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("model", "sampler", "steps", "guidance", "reference", "seeds",
                                            "validation_seeds", "sigmas", "train_distance", "distance", "best_fixed",
-                                           "improvement", "better", "stored", "evaluations", "seconds")}
+                                           "improvement", "start", "better", "stored", "evaluations", "seconds")}
         if self.accuracy is not None:
             d.update(guidance_interval=list(self.guidance_interval) if self.guidance_interval else None,
                      accuracy=self.accuracy, interval_seconds=self.interval_seconds)
@@ -340,6 +341,9 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
                       for name in fixed}
     start_family = min(train_distance, key=train_distance.get)
     top, floor = ode.sigma_max(schedule), float(schedule.sigmas[0])
+    # the start as values: a list that begins above sigma 80 takes its first step first order, as edm does
+    # (ode.edm_jump), so from edm the search starts exactly where edm is; from karras or none it starts from
+    # their levels under that rule
     start = list(fixed[start_family])
     start[0] = top  # every family starts at the schedule's top; only rounding could differ
     log(f"fixed families on the training seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in train_distance.items())
@@ -382,7 +386,8 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
         atomic.write_bytes(dest, data, overwrite=opts.in_place or opts.overwrite)
         stored = str(dest)
     return TuneResult(str(opts.model), sampler, N, guidance, f"{ref_sampler}:{ref_steps}", len(train), len(val),
-                      [float(v) for v in best], train_distance, dist, best_fixed, improvement, better, stored, evals,
+                      [float(v) for v in best], train_distance, dist, best_fixed, improvement, start_family, better,
+                      stored, evals,
                       round(time.perf_counter() - started, 2), interval, accuracy, seconds)
 
 
