@@ -52,7 +52,9 @@ demo: install
 # About 10-15 minutes on 2 CPU cores; BENCH_FLAGS=--quick for a smoke run. The `bench` extra
 # (diffusers) goes into the venv next to the torch already there, which pip keeps.
 # Then the targets of `diffcli eval` (benchmarks/eval_bench.py, benchmarks/eval_results.json; about
-# 10 minutes; needs the MNIST folder DATA, else only its correctness part runs). torch-fidelity goes in
+# 10 minutes; needs the MNIST folder DATA, else only its correctness part runs), and those of `diffcli
+# tune` (benchmarks/tune_bench.py, benchmarks/tune_results.json; about 20 minutes; its guidance
+# interval part needs DATA too). torch-fidelity goes in
 # with --no-deps: its torchvision requirement would replace the CPU torch (pip resolves torch 2.14.1
 # with CUDA and torchvision 0.29.1), and diffcli and this comparison use none of torchvision.
 BENCH_FLAGS ?=
@@ -65,6 +67,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py $(BENCH_FLAGS)
 	$(PY) benchmarks/eval_bench.py $(if $(wildcard $(DATA)),--data $(DATA),--parts correctness)
+	$(PY) benchmarks/tune_bench.py $(if $(wildcard $(DATA)),--data $(DATA),--parts quality,e2e,tune)
 
 # The shipped model: the exact recipe of weights/README.md. The run folder lives outside the
 # repository and `--resume auto` continues an interrupted run. About 9 hours on a 2-core CPU

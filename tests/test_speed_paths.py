@@ -172,7 +172,11 @@ def test_gradients_match_reference(dit):
     for n, p in dit.named_parameters():
         if p.grad is None:
             continue
-        torch.testing.assert_close(ours[n], p.grad.double(), rtol=1e-4, atol=1e-6, msg=f"gradient of {n}")
+        # float32 sums over the batch and tokens carry a rounding error of a few 1e-7 of the tensor's largest
+        # gradient; a wrong gradient path differs by its own size
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(ours[n], p.grad.double(), rtol=1e-4, atol=max(1e-6, 1e-5 * scale),
+                                   msg=f"gradient of {n}")
 
 
 @needs_fused
