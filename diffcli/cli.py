@@ -409,7 +409,8 @@ def tune(
 def train(
     data_dir: Path = typer.Argument(..., help="Folder of images; class subfolders give a class-conditional model."),
     out: Path = typer.Option(Path("runs/default"), "--out", "-o", help="Run folder (config, metrics, previews, checkpoints, model file)."),
-    model: str = typer.Option("DiT-M/4", "--model", "-m", help="Preset: DiT-{T,XS,M,S,B,L,XL}/{2,4,8}."),
+    preset: str = typer.Option("default", "--preset", help="Training recipe: default (the shipped model's) or quick (small folders on a CPU: README, Training on a CPU). Options given replace its values."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture: DiT-{T,XS,M,S,B,L,XL}/{2,4,8}.", show_default="DiT-M/4; quick: DiT-XS/4"),
     long_skip: bool = typer.Option(True, "--long-skip/--no-long-skip", help="U-ViT long skip connections between shallow and deep blocks."),
     learn_sigma: bool = typer.Option(False, "--learn-sigma", help="Learn the variance too (Improved DDPM hybrid loss)."),
     resolution: str = typer.Option("32", "--resolution", "-r", help="Training size: 32 or HxW such as 32x48."),
@@ -418,14 +419,14 @@ def train(
     flip: bool = typer.Option(False, "--flip", help="Random horizontal flips."),
     unconditional: bool = typer.Option(False, "--unconditional", help="Ignore class subfolders."),
     steps: int = typer.Option(10000, "--steps", help="Optimizer steps in total (a resumed run continues to this)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Global batch size (split across processes)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Global batch size (split across processes).", show_default="256; quick: 64"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW).", show_default="0.001; quick: 0.002"),
     lr_schedule: str = typer.Option("constant", "--lr-schedule", help="After warm-up: constant or cosine."),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear learning-rate warm-up.", show_default="500, or a tenth of a shorter run"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear learning-rate warm-up.", show_default="500, or a tenth of a shorter run; quick: 200"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0 disables)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
-    ema_decay: float = typer.Option(0.9995, "--ema-decay"),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", show_default="0.9995; quick: 0.999"),
     schedule: str = typer.Option("cosine", "--schedule", help="linear, scaled_linear, cosine or sigmoid."),
     timesteps: int = typer.Option(1000, "--timesteps"),
     beta_start: float = typer.Option(1e-4, "--beta-start"),
@@ -441,9 +442,10 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     num_workers: int = typer.Option(0, "--num-workers", help="Image decoding threads (0: automatic)."),
-    checkpoint_every: int = typer.Option(1000, "--checkpoint-every"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", show_default="1000; quick: 500"),
     keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints to keep."),
-    sample_every: int = typer.Option(1000, "--sample-every", help="Preview grid every N steps and at the end (0: never)."),
+    sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Preview grid every N steps and at the end (0: never).", show_default="1000; quick: 500"),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes of training (a resumed run counts its earlier minutes), with a checkpoint and the model file, even before --steps."),
     metrics_every: int = typer.Option(50, "--metrics-every", help="Steps per metrics.jsonl record."),
     log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
     resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
@@ -460,21 +462,21 @@ def train(
     from diffcli.progress import Progress
     from diffcli.training import TrainConfig, train as train_core
 
-    cfg = TrainConfig(
-        data_dir=str(data_dir), out=str(out), model=model, long_skip=long_skip, learn_sigma=learn_sigma,
-        resolution=resolution, channels=channels, crop=crop, flip=flip, unconditional=unconditional, steps=steps,
-        batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm, grad_accum=grad_accum, ema_decay=ema_decay,
-        schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-        zero_terminal_snr=zero_terminal_snr, prediction=prediction, class_dropout=class_dropout,
-        min_snr_gamma=min_snr_gamma, timestep_sampling=timestep_sampling, guidance=guidance,
-        precision=precision, compile=compile_, seed=seed, device=device, num_workers=num_workers,
-        checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, metrics_every=metrics_every,
-        resume=resume, tensorboard=tensorboard, save_dtype=save_dtype,
-        eval_every=eval_every, eval_real=str(eval_real) if eval_real else None, eval_images=eval_images,
-    )
-
     def job() -> None:
+        cfg = TrainConfig.from_options(
+            preset, data_dir=str(data_dir), out=str(out), model=model, long_skip=long_skip, learn_sigma=learn_sigma,
+            resolution=resolution, channels=channels, crop=crop, flip=flip, unconditional=unconditional, steps=steps,
+            batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, max_grad_norm=max_grad_norm, grad_accum=grad_accum, ema_decay=ema_decay,
+            schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
+            zero_terminal_snr=zero_terminal_snr, prediction=prediction, class_dropout=class_dropout,
+            min_snr_gamma=min_snr_gamma, timestep_sampling=timestep_sampling, guidance=guidance,
+            precision=precision, compile=compile_, seed=seed, device=device, num_workers=num_workers,
+            checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, metrics_every=metrics_every,
+            resume=resume, tensorboard=tensorboard, save_dtype=save_dtype,
+            eval_every=eval_every, eval_real=str(eval_real) if eval_real else None, eval_images=eval_images,
+            time_limit=time_limit,
+        )
         if threads is not None:
             if threads < 1:
                 from diffcli.errors import UsageError

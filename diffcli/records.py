@@ -40,8 +40,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     },
     "train": {
         "progress": _PROGRESS,
-        "summary": (("model_path", "run_dir", "steps", "resumed_from", "final_loss", "seconds", "images_per_second"),
-                    ("best_fid", "best_fid_step")),
+        "summary": (("model_path", "run_dir", "steps", "resumed_from", "final_loss", "seconds", "images_per_second",
+                     "stopped_by"), ("best_fid", "best_fid_step")),
         "error": _ERROR,
     },
     "info": {kind: (_INFO, ("tuned", "training")) for kind in ("model", "checkpoint")} | {"error": _ERROR},

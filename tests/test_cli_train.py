@@ -67,6 +67,33 @@ def test_json_summary(tmp_path, toy_image_folder):
     assert summary["steps"] == 3 and summary["resumed_from"] == 0
     assert summary["model_path"] == str(tmp_path / "run" / "model.safetensors")
     assert load_model(summary["model_path"]).class_names == []
+    assert summary["stopped_by"] == "steps"
+
+
+def test_time_limit_ends_the_run_with_exit_0_and_says_so(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=2)
+    run = tmp_path / "run"
+    result = train(str(data), "--out", str(run), *TINY, "--time-limit", "0.0000001", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["stopped_by"] == "time_limit" and summary["steps"] == 1
+    assert (run / "model.safetensors").exists() and (run / "checkpoints" / "step_0000001.safetensors").exists()
+    again = train(str(data), "--out", str(run), *TINY, "--time-limit", "0.0000001")
+    assert again.exit_code == 2
+    assert again.stderr.startswith("Error: the run in ") and "give a larger --time-limit" in again.stderr
+    rest = train(str(data), "--out", str(run), *TINY, "--json", "--quiet")
+    assert rest.exit_code == 0 and json.loads(rest.stdout)["steps"] == 3
+
+
+def test_quick_preset_from_the_command_line(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=2)
+    run = tmp_path / "run"
+    result = train(str(data), "--out", str(run), "--preset", "quick", *TINY, "--lr", "0.003")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["preset"] == "quick" and saved["lr"] == 0.003  # given options win over the recipe
+    assert saved["ema_decay"] == 0.999 and saved["model"] == "DiT-T/4"
+    assert "preset quick: --model DiT-T/4, --batch-size 4, --lr 0.003" in result.stderr
 
 
 def test_empty_folder_exit_4(tmp_path):
@@ -105,7 +132,9 @@ def test_bad_numbers_exit_2(tmp_path, toy_image_folder):
     for option, value, words in (("--batch-size", "0", "--batch-size"), ("--lr", "nan", "--lr"),
                                  ("--steps", "0", "--steps"), ("--lr", "-1", "--lr"),
                                  ("--resolution", "8x", "--resolution"), ("--model", "DiT-Q/4", "unknown model preset"),
-                                 ("--prediction", "x0", "--prediction"), ("--threads", "0", "--threads")):
+                                 ("--prediction", "x0", "--prediction"), ("--threads", "0", "--threads"),
+                                 ("--time-limit", "0", "--time-limit"), ("--time-limit", "-2", "--time-limit"),
+                                 ("--preset", "fast", "--preset")):
         result = train(str(data), "--out", str(tmp_path / "run"), *TINY, option, value)
         assert result.exit_code == 2, (option, value, result.output)
         assert result.stderr.startswith("Error: ") and words in result.stderr, (option, value, result.stderr)

@@ -518,3 +518,73 @@ def test_tiny_model_learns_class_colours(tmp_path, toy_image_folder):
         right += int((mine.argmax(1) == c).sum())
     # nearly every single image is its class's colour too
     assert right >= 3 * per - 3, right
+
+
+# --------------------------------------------------------------------------------------------------
+# --time-limit and --preset (training recipes)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_time_limit_stops_with_a_checkpoint_and_the_run_continues_exactly(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=2)
+    whole = train(tiny(data, tmp_path / "whole"), log=quiet)
+    assert whole.stopped_by == "steps" and whole.steps == 4
+
+    lines: list[str] = []
+    # a limit of a few microseconds is over after the first step, whatever the machine's speed
+    first = train(tiny(data, tmp_path / "cut", time_limit=1e-7), log=lines.append)
+    assert first.stopped_by == "time_limit" and first.steps == 1
+    assert any(line.startswith("time limit: stopped at step 1") for line in lines)
+    assert ckpt_names(tmp_path / "cut") == ["step_0000001.safetensors"]
+    assert load_model(tmp_path / "cut" / "model.safetensors").training["steps"] == 1
+    records = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+
+    # the same limit again: nothing left to train, a usage error, the run untouched
+    with pytest.raises(UsageError, match="already trained"):
+        train(tiny(data, tmp_path / "cut", time_limit=1e-7), log=quiet)
+    assert ckpt_names(tmp_path / "cut") == ["step_0000001.safetensors"]
+
+    rest = train(tiny(data, tmp_path / "cut"), log=quiet)
+    assert rest.stopped_by == "steps" and rest.steps == 4 and rest.resumed_from == 1
+    assert_same_training(read_state(tmp_path / "whole" / "checkpoints" / "step_0000004.safetensors"),
+                         read_state(tmp_path / "cut" / "checkpoints" / "step_0000004.safetensors"))
+
+
+def test_recipes_fill_defaults_and_options_given_win():
+    from diffcli.training.config import RECIPES
+
+    plain = TrainConfig.from_options()
+    assert plain == TrainConfig(preset="default")
+    quick = TrainConfig.from_options("quick", data_dir="d")
+    for name, value in RECIPES["quick"].items():
+        assert getattr(quick, name) == value != getattr(plain, name)
+    mine = TrainConfig.from_options("quick", lr=5e-4, batch_size=None)  # None: not given
+    assert mine.lr == 5e-4 and mine.batch_size == RECIPES["quick"]["batch_size"] and mine.preset == "quick"
+    with pytest.raises(UsageError, match="unknown --preset 'fast'"):
+        TrainConfig.from_options("fast")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UsageError, match="--time-limit"):
+            TrainConfig(time_limit=bad).validate()
+
+
+def test_quick_recipe_is_recorded_and_must_match_on_resume(tmp_path, toy_image_folder):
+    data = toy_image_folder(per_class=2)
+    lines: list[str] = []
+    small = dict(model="DiT-T/4", resolution="8", steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1,
+                 sample_every=0, device="cpu")
+    cfg = TrainConfig.from_options("quick", data_dir=str(data), out=str(tmp_path / "run"), **small)
+    train(cfg, log=lines.append)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["preset"] == "quick" and saved["lr"] == 2e-3 and saved["ema_decay"] == 0.999
+    assert any(line.startswith("preset quick: ") and "--lr 0.002" in line for line in lines)
+    assert not any(line.startswith("tip:") for line in lines)
+    again = TrainConfig.from_options("default", data_dir=str(data), out=str(tmp_path / "run"), **{**small, "steps": 3})
+    with pytest.raises(UsageError, match="--preset 'quick' \\(now 'default'\\)"):
+        train(again, log=quiet)
+
+
+def test_default_recipe_on_a_cpu_suggests_quick(tmp_path, toy_image_folder):
+    lines: list[str] = []
+    train(tiny(toy_image_folder(per_class=2), tmp_path / "run", steps=1), log=lines.append)
+    assert any(line.startswith("tip: on a CPU, --preset quick") for line in lines)

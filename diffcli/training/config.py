@@ -14,6 +14,29 @@ from diffcli.model import preset_config
 AUTO_WARMUP = 500  # learning-rate warm-up steps of a long run (the shipped recipe's)
 
 
+# Training recipes for `train --preset`: option values that replace TrainConfig's defaults (options the
+# user gives replace both). `default` is TrainConfig itself, the shipped model's recipe (hours of a
+# CPU, best for long runs on a GPU). `quick` is what benchmarks/cpu_curve.py measured to learn fastest
+# in the first half hour on a 2-core CPU (README "Training on a CPU"): a model a sixth the cost per
+# image, more and smaller steps at a higher learning rate, and an EMA short enough to follow a model
+# that is still improving quickly.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "quick": {
+        "model": "DiT-XS/4",
+        "batch_size": 64,
+        "lr": 2e-3,
+        "warmup_steps": 200,
+        "ema_decay": 0.999,
+        "checkpoint_every": 500,
+        "sample_every": 500,
+    },
+}
+
+# a folder this small trained on a CPU with the default recipe gets a tip about --preset quick
+QUICK_TIP_IMAGES = 50_000
+
+
 def auto_warmup(steps: int) -> int:
     """500 steps, or a tenth of a shorter run: a 300-step try-out warms up for 30 steps, not all 300."""
     return min(AUTO_WARMUP, steps // 10)
@@ -23,6 +46,7 @@ def auto_warmup(steps: int) -> int:
 class TrainConfig:
     data_dir: str = ""
     out: str = "runs/default"
+    preset: str = "default"  # the recipe (RECIPES) the other defaults came from
     # model
     model: str = "DiT-M/4"
     long_skip: bool = True
@@ -71,14 +95,28 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations; 0: never
     eval_real: str | None = None  # folder of real images to measure the EMA model's samples against
     eval_images: int = 1000  # samples per evaluation
+    time_limit: float | None = None  # minutes of training (all runs of the folder together); None: --steps only
 
     # options that define what is trained: they must match when resuming
     IDENTITY = (
-        "model", "long_skip", "learn_sigma", "resolution", "channels", "crop", "flip", "unconditional",
+        "preset", "model", "long_skip", "learn_sigma", "resolution", "channels", "crop", "flip", "unconditional",
         "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "grad_accum",
         "ema_decay", "schedule", "timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction",
         "class_dropout", "min_snr_gamma", "timestep_sampling", "seed",
     )
+
+    @classmethod
+    def from_options(cls, preset: str = "default", **given: Any) -> "TrainConfig":
+        """A config from a recipe's values and the options given (None: not given, the recipe's or
+        TrainConfig's default)."""
+        if preset not in RECIPES:
+            raise UsageError(f"unknown --preset {preset!r}; choose one of {', '.join(RECIPES)}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(given) - names
+        if unknown:
+            raise TypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        values = {**RECIPES[preset], **{k: v for k, v in given.items() if v is not None}}
+        return cls(preset=preset, **values)
 
     def resolve_warmup(self, saved: dict[str, Any] | None = None) -> str | None:
         """Fill in warmup_steps when it was left to diffcli: the resumed run's value, else auto_warmup.
@@ -100,6 +138,9 @@ class TrainConfig:
                 raise UsageError(msg)
 
         finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        need(self.preset in RECIPES, f"--preset must be one of {', '.join(RECIPES)}, got {self.preset!r}")
+        need(self.time_limit is None or (finite(self.time_limit) and self.time_limit > 0),
+             f"--time-limit must be a positive number of minutes, got {self.time_limit}")
         need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(finite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")

@@ -20,7 +20,7 @@ from diffcli.errors import DiffcliError, Interrupted, UsageError
 from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.batches import Batch, Batches
-from diffcli.training.config import TrainConfig
+from diffcli.training.config import QUICK_TIP_IMAGES, TrainConfig
 from diffcli.training.distributed import Dist, all_mean, any_rank, process_group
 from diffcli.training.losses import diffusion_loss
 from diffcli.training.rundir import Checkpointer, Resumed, RunDir, load_state_tensors, resume_point
@@ -35,6 +35,7 @@ class TrainResult:
     final_loss: float
     seconds: float
     images_per_second: float
+    stopped_by: str = "steps"  # "steps": --steps reached; "time_limit": --time-limit reached first
     best_fid: float | None = None  # with --eval-every: the lowest FID so far, and its step
     best_fid_step: int | None = None
 
@@ -58,6 +59,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     H, W = parse_resolution(cfg.resolution)
     run = RunDir(cfg.out)
     resumed = resume_point(cfg, run)
+    if cfg.time_limit is not None and resumed.seconds >= cfg.time_limit * 60:
+        raise UsageError(f"the run in {run.root} has already trained {resumed.seconds / 60:.1f} minutes, "
+                         f"--time-limit is {cfg.time_limit:g}: give a larger --time-limit to continue it")
     if resumed.path is not None:
         log(f"resuming from {resumed.path} at step {resumed.step}")
     warmup_note = cfg.resolve_warmup()  # said once the data and model are known to be fine
@@ -76,6 +80,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
         f"{device.type}{f' x{d.world}' if d.active else ''}, {str(learner.dtype).removeprefix('torch.')}")
     if warmup_note:
         log(warmup_note)
+    if cfg.preset != "default":
+        from diffcli.training.config import RECIPES
+
+        log(f"preset {cfg.preset}: " + ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in RECIPES[cfg.preset]))
+    elif device.type == "cpu" and len(data.files) <= QUICK_TIP_IMAGES and not resumed.path:
+        log(f"tip: on a CPU, --preset quick learns a folder of {len(data.files):,} images much sooner "
+            f"(README: Training on a CPU)")
 
     summary = {"dataset": {**data.summary(), "path": str(cfg.data_dir)}, "model_config": mcfg.to_dict(),
                "parameters": count_parameters(learner.model), "world_size": d.world, "diffcli_version": __version__}
@@ -93,6 +104,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     elapsed = lambda: prior_seconds + time.perf_counter() - t_start  # noqa: E731
     meter = Meter(cfg, run, d.main, tb, progress)
     step = resumed.step
+    limit_s = cfg.time_limit * 60 if cfg.time_limit is not None else math.inf
+    stopped_by = "steps"
     with StopFlag() as stop:
         while step < cfg.steps:
             loss, grad_norm = learner.gradients(batches.at(step))
@@ -106,11 +119,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
             step += 1
             meter.after_step(step, loss, grad_norm, lr, elapsed)
 
-            # end of the step: checkpoint, preview, and stop together when any rank was signalled
+            # end of the step: checkpoint, preview, and stop together when any rank was signalled or
+            # rank 0's clock passed --time-limit (one clock, so every rank stops at the same step)
             stop_now = any_rank(stop.signal is not None, d, device)
-            if (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_now) and d.main:
+            time_up = any_rank(d.main and elapsed() >= limit_s, d, device) if limit_s < math.inf else False
+            last = step == cfg.steps or time_up
+            if (step % cfg.checkpoint_every == 0 or last or stop_now) and d.main:
                 saver.save(step, learner.model, learner.ema, learner.opt, elapsed, final=step == cfg.steps)
-            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps) and d.main:
+            if cfg.sample_every and (step % cfg.sample_every == 0 or last) and d.main:
                 png = run.samples / f"step_{step:07d}.png"
                 preview(learner.ema, learner.schedule, cfg, data.class_names, png, device)
             if evaluation is not None and evaluation.due(step) and not stop_now:  # a stop is not kept waiting
@@ -119,11 +135,18 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
             if stop_now:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run.checkpoints} "
                                   f"(resume with --resume auto)")
+            if time_up and step < cfg.steps:
+                stopped_by = "time_limit"
+                meter.flush(step, lr, elapsed)
+                log(f"time limit: stopped at step {step} after {elapsed() / 60:.1f} minutes of training; checkpoint "
+                    f"saved (a larger --time-limit or none continues it with --resume auto)")
+                break
     meter.close()
     secs = time.perf_counter() - t_start
     done = step - resumed.step
     return TrainResult(str(run.model), str(run.root), step, resumed.step, meter.last_loss, round(elapsed(), 2),
-                       round(done * cfg.batch_size / max(secs, 1e-9), 2), **(evaluation.best() if evaluation else {}))
+                       round(done * cfg.batch_size / max(secs, 1e-9), 2), stopped_by,
+                       **(evaluation.best() if evaluation else {}))
 
 
 def _load_data(cfg: TrainConfig, run: RunDir, d: Dist, H: int, W: int, log: Callable[[str], None],
@@ -279,6 +302,11 @@ class Meter:
                 info += f"  {self.ips:.0f} img/s"
                 fields["images_per_second"] = round(self.ips, 2)
             self.progress(step, cfg.steps, info, **fields)
+
+    def flush(self, step: int, lr: float, elapsed: Callable[[], float]) -> None:
+        """Record the steps since the last metrics record (a run that stops between records)."""
+        if self.window:
+            self._record(step, lr, elapsed)
 
     def _record(self, step: int, lr: float, elapsed: Callable[[], float]) -> None:
         B = self.cfg.batch_size
