@@ -13,7 +13,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.diffcli-installed
 
-.PHONY: install test fuzz lint demo bench weights clean
+.PHONY: install test fuzz lint demo bench cpu-curve weights clean
 
 install: $(STAMP)
 
@@ -86,6 +86,21 @@ weights:
 		--min-snr-gamma 5 --class-dropout 0.1 --guidance 1.5 --seed 0 --steps 11262 \
 		--checkpoint-every 1000 --keep-last 2 --sample-every 1000 --save-dtype fp16 $(TRAIN_FLAGS)
 	cp $(WEIGHTS_RUN)/model.safetensors weights/diffcli-mnist.safetensors
+
+# The learning curves of README "Training on a CPU": the quick and the default recipe on 2 CPU threads,
+# scored at fixed minutes of training (benchmarks/cpu_curve.py; about 1.5 hours, on an idle machine:
+# the minutes are wall-clock). Run folders go to CURVE_RUNS, outside the repository; an interrupted
+# call continues where it stopped.
+CURVE_RUNS ?= ../diffcli-runs
+cpu-curve:
+	@test -d "$(DATA)" || { echo 'Error: no MNIST folder at $(DATA); make one with python -m diffcli.mnist and pass DATA=path (see weights/README.md)' >&2; exit 4; }
+	@$(MAKE) --no-print-directory install
+	$(PY) benchmarks/cpu_curve.py --data $(DATA) --recipe quick --run $(CURVE_RUNS)/curve-quick \
+		--results benchmarks/cpu_curve_quick.json --minutes 5,10,20,30,45
+	$(PY) benchmarks/cpu_curve.py --data $(DATA) --recipe default --run $(CURVE_RUNS)/curve-default \
+		--results benchmarks/cpu_curve_default.json --minutes 10,30
+	$(PY) benchmarks/cpu_curve.py --plot benchmarks/cpu_curve.png benchmarks/cpu_curve_default.json \
+		benchmarks/cpu_curve_quick.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

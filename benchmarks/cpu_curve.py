@@ -48,6 +48,16 @@ sys.path.insert(0, str(HERE))
 MIN_PER_CLASS = 20  # the classifier holds back 10% of the folder: fewer than this per class is too few
 
 
+def torch_inference(fn: Any) -> Any:
+    """fn under torch.inference_mode(): sampling must not keep an autograd graph of every step."""
+    def wrapped(*a: Any, **k: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return fn(*a, **k)
+    return wrapped
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -128,6 +138,35 @@ def train_segment(args: argparse.Namespace, minutes: float, extra: list[str]) ->
     return summary
 
 
+def trained_seconds(run: Path) -> float:
+    """Training seconds of the run's model file (0 when there is none yet)."""
+    from diffcli.checkpoint import read_model_spec
+
+    model = run / "model.safetensors"
+    return float(read_model_spec(model).training.get("seconds", 0)) if model.exists() else 0.0
+
+
+def resume_summary(args: argparse.Namespace, minutes: float) -> dict[str, Any] | None:
+    """When the run already stands at this snapshot (a call cut short after training it and before
+    scoring it), the figures of its model file instead of training; None when it has not got there."""
+    secs = trained_seconds(args.run)
+    if secs < minutes * 60:
+        return None
+    if secs > minutes * 60 + 60:
+        log(f"Error: the run {args.run} has trained {secs / 60:.1f} minutes, past the {minutes:g}-minute snapshot; "
+            f"use another --run for this curve")
+        raise SystemExit(2)
+    from diffcli.checkpoint import read_model_spec
+
+    t = read_model_spec(args.run / "model.safetensors").training
+    rows = [json.loads(x) for x in (args.run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    ips = [r["images_per_second"] for r in rows if "images_per_second" in r and "loss" in r]
+    log(f"{args.run} already stands at {secs / 60:.1f} minutes (step {t['steps']}): scoring it")
+    return {"steps": t["steps"], "seconds": secs, "images_per_second": round(sum(ips) / max(1, len(ips)), 2),
+            "load_before": None, "load_after": None}
+
+
+@torch_inference
 def score(args: argparse.Namespace, evaluator: Any, samplers: list[str]) -> dict[str, Any]:
     """Samples of the run's model.safetensors with each sampler, scored."""
     import torch
@@ -189,7 +228,7 @@ def run_curve(args: argparse.Namespace, extra: list[str]) -> int:
     for m in minutes:
         if m in done:
             continue
-        summary = train_segment(args, m, extra)
+        summary = resume_summary(args, m) or train_segment(args, m, extra)
         cfg = json.loads((args.run / "config.json").read_text())
         flops_per_image = 3 * dit_flops(ModelConfig.from_dict(cfg["model_config"]))
         ips = summary["images_per_second"]
