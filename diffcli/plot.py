@@ -175,7 +175,7 @@ def _legend(
     area: tuple[int, int, int, int],
     to_px: tuple[Callable[[float], float], Callable[[float], float]],
 ) -> None:
-    """A boxed legend in the corner of the plot area that the fewest data points fall into."""
+    """A boxed legend in the corner (or mid-side) of the plot area that the fewest data points and lines cross."""
     left, top, right, bottom = area
     px, py = to_px
     font_px = round(font.size)
@@ -191,16 +191,23 @@ def _legend(
         (left + inset, top + inset),
         (right - inset - w, bottom - inset - h),
         (left + inset, bottom - inset - h),
+        (right - inset - w, (top + bottom - h) / 2),  # then the middle of either side
+        (left + inset, (top + bottom - h) / 2),
     ]
+
+    # the lines as well as the data points: points along each segment between finite neighbours
+    along = [
+        (px(x0 + (x1 - x0) * k / 16), py(y0 + (y1 - y0) * k / 16))
+        for s in series
+        for (x0, y0), (x1, y1) in itertools.pairwise(zip(s.x, s.y))
+        if math.isfinite(y0) and math.isfinite(y1)
+        for k in range(17)
+    ]
+    dots = [(px(x), py(y)) for s in series for x, y in zip(s.x, s.y) if math.isfinite(y)]
 
     def crowding(corner: tuple[float, float]) -> int:
         x0, y0 = corner
-        return sum(
-            1
-            for s in series
-            for x, y in zip(s.x, s.y)
-            if math.isfinite(y) and x0 <= px(x) <= x0 + w and y0 <= py(y) <= y0 + h
-        )
+        return sum(1 for x, y in dots + along if x0 <= x <= x0 + w and y0 <= y <= y0 + h)
 
     x0, y0 = min(corners, key=crowding)
     draw.rectangle([x0, y0, x0 + w, y0 + h], fill="white", outline="#999999", width=max(1, line // 3))
