@@ -34,6 +34,7 @@ import torch
 
 from diffcli import __version__, atomic
 from diffcli.errors import InputError
+from diffcli.autoencoder import DECODER_PARTS, AutoencoderConfig, LatentDecoder, tensor_shapes
 from diffcli.model import DiT, ModelConfig, state_dict_shapes
 from diffcli.diffusion.registry import Tuned, read_tuned
 from diffcli.diffusion.schedule import NoiseSchedule
@@ -308,6 +309,40 @@ def check_finite(tensors: dict[str, torch.Tensor], path: str | Path, nonnegative
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LatentSpec:
+    """A latent model's `autoencoder` metadata: the decoder it embeds and what the images are."""
+
+    config: AutoencoderConfig
+    scaling_factor: float  # the DiT sees z * scaling_factor
+    sha256: str  # of the autoencoder file the model was trained with
+    name: str  # that file's name
+    image_size: tuple[int, int]
+    channels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "scaling_factor": self.scaling_factor, "sha256": self.sha256,
+                "name": self.name}
+
+
+_LATENT = (spec("scaling_factor", float, gt=0, max=1e6), spec("sha256", str, max_len=64), spec("name", str, max_len=255))
+
+
+def _latent_meta(value: Any, cfg: ModelConfig) -> LatentSpec:
+    if not isinstance(value, dict):
+        raise Invalid(f"autoencoder must be an object, found {describe(value)}")
+    rec = check_record({k: v for k, v in value.items() if k != "config"}, _LATENT, "autoencoder")
+    if "config" not in value:
+        raise Invalid("autoencoder.config is missing")
+    ae = AutoencoderConfig.from_dict(value["config"], "autoencoder.config")
+    if ae.latent_channels != cfg.in_channels:
+        raise Invalid(f"autoencoder.config.latent_channels is {ae.latent_channels}, the model config has "
+                      f"in_channels {cfg.in_channels}")
+    f = ae.factor
+    return LatentSpec(ae, rec["scaling_factor"], rec["sha256"], rec["name"],
+                      (cfg.image_height * f, cfg.image_width * f), ae.out_channels)
+
+
 @dataclass
 class ModelFile:
     model: DiT
@@ -320,6 +355,16 @@ class ModelFile:
     sha256: str = ""
     path: str = ""
     tuned: list[Tuned] = field(default_factory=list)  # sigmas (and guidance intervals) diffcli tune stored
+    latent: LatentSpec | None = None  # a latent model: the autoencoder it was trained with
+    decoder: LatentDecoder | None = None  # ... and its embedded decoder (scaled latents -> pixels)
+    decoder_file: Any = None  # sample --decoder: the autoencoder file whose decoder replaced the embedded one
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images the model makes (decoded, for a latent model)."""
+        if self.latent is not None:
+            return self.latent.channels, self.latent.image_size[0], self.latent.image_size[1]
+        return self.config.in_channels, self.config.image_height, self.config.image_width
 
     @property
     def model_hash(self) -> str:
@@ -337,21 +382,27 @@ def save_model(
     sampling: dict[str, Any] | None = None,
     overwrite: bool = True,
     dtype: torch.dtype = torch.float32,
+    latent: tuple[LatentSpec, LatentDecoder] | None = None,
 ) -> None:
-    """Write a model file. dtype=torch.float16 halves the file; loading casts back to float32."""
+    """Write a model file. dtype=torch.float16 halves the file; loading casts back to float32. A latent
+    model embeds its decoder (tensors autoencoder.decoder.*, autoencoder.post_quant_conv.*)."""
     cfg = model.config
     meta = {
         "model_config": cfg.to_dict(),
         "schedule": schedule.to_dict(),
         "prediction": prediction,
-        "image_size": [cfg.image_height, cfg.image_width],
-        "channels": cfg.in_channels,
+        "image_size": list(latent[0].image_size) if latent else [cfg.image_height, cfg.image_width],
+        "channels": latent[0].channels if latent else cfg.in_channels,
         "class_names": list(class_names),
         "training": training or {},
         "sampling": sampling or {},
         "weights_dtype": str(dtype).removeprefix("torch."),
     }
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
+    if latent is not None:
+        meta["autoencoder"] = latent[0].to_dict()
+        state |= {f"autoencoder.{k}": v for k, v in latent[1].state_dict().items()}
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     write(path, tensors, meta, MODEL_FORMAT, overwrite=overwrite)
 
 
@@ -385,6 +436,7 @@ class ModelSpec:
     sampling: dict[str, Any]
     weights_dtype: str | None  # the safetensors dtype every weight has, or None when not recorded
     tuned: list[Tuned] = field(default_factory=list)  # sampling.tuned, parsed
+    latent: LatentSpec | None = None  # the `autoencoder` metadata of a latent model
 
 
 def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
@@ -401,11 +453,16 @@ def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
         if prediction == "epsilon" and schedule.spec.zero_terminal_snr:
             raise Invalid("prediction 'epsilon' cannot be sampled with schedule.zero_terminal_snr (alpha_bar reaches 0)")
         names = check_names(load("class_names", []), "class_names", count=cfg.num_classes)
-        if "image_size" in meta and load("image_size") != [cfg.image_height, cfg.image_width]:
-            raise Invalid(f"image_size is {describe(load('image_size'))}, the model config has "
-                          f"[{cfg.image_height}, {cfg.image_width}]")
-        if "channels" in meta and load("channels") != cfg.in_channels:
-            raise Invalid(f"channels is {describe(load('channels'))}, the model config has {cfg.in_channels}")
+        latent = _latent_meta(load("autoencoder"), cfg) if "autoencoder" in meta else None
+        if latent is None and cfg.in_channels not in (1, 3):
+            raise Invalid(f"model_config.in_channels is {cfg.in_channels}: a pixel model has 1 or 3 channels "
+                          f"(a latent model says what its autoencoder is)")
+        size = list(latent.image_size) if latent else [cfg.image_height, cfg.image_width]
+        channels = latent.channels if latent else cfg.in_channels
+        if "image_size" in meta and load("image_size") != size:
+            raise Invalid(f"image_size is {describe(load('image_size'))}, the model config has {size}")
+        if "channels" in meta and load("channels") != channels:
+            raise Invalid(f"channels is {describe(load('channels'))}, the model config has {channels}")
         weights = meta.get("weights_dtype")
         if weights is not None:
             spec("weights_dtype", str, choices=tuple(_WEIGHT_DTYPES)).check(weights)
@@ -416,7 +473,7 @@ def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
     except Invalid as e:
         raise InputError(f"{path} has invalid model metadata: {e}") from None
     return ModelSpec(cfg, schedule, prediction, names, training, sampling,
-                     _WEIGHT_DTYPES.get(weights) if weights else None, tuned)
+                     _WEIGHT_DTYPES.get(weights) if weights else None, tuned, latent)
 
 
 def validate_model_file(header: Header, path: str | Path) -> ModelSpec:
@@ -426,6 +483,8 @@ def validate_model_file(header: Header, path: str | Path) -> ModelSpec:
     ms = _model_meta(header.meta, path)
     dtypes = (ms.weights_dtype,) if ms.weights_dtype else tuple(_WEIGHT_DTYPES.values())
     expected = {k: (shape, dtypes) for k, shape in state_dict_shapes(ms.config).items()}
+    if ms.latent is not None:
+        expected |= {f"autoencoder.{k}": (shape, dtypes) for k, shape in tensor_shapes(ms.latent.config, DECODER_PARTS).items()}
     problem = tensor_problem(header.tensors, expected)
     if problem:
         raise InputError(f"{path}: tensors do not match the model config ({problem})")
@@ -467,6 +526,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFil
     ms = validate_model_file(header, path)
     tensors = load_tensors(data, path)
     check_finite(tensors, path)
+    decoder = None
+    if ms.latent is not None:
+        decoder = LatentDecoder(ms.latent.config, ms.latent.scaling_factor)
+        decoder.load_state_dict({k[12:]: tensors.pop(k) for k in list(tensors) if k.startswith("autoencoder.")})
+        decoder.to(device).eval()
     model = DiT(ms.config)  # the same parameters the file holds, in float32: at most twice its size
     model.load_state_dict(tensors, strict=True)  # names and shapes checked above; fp16 is cast up
     del tensors
@@ -482,6 +546,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFil
         sha256=hashlib.sha256(data).hexdigest(),
         path=str(path),
         tuned=ms.tuned,
+        latent=ms.latent,
+        decoder=decoder,
     )
 
 

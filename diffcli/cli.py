@@ -276,6 +276,7 @@ def sample(
     mask: Optional[Path] = typer.Option(None, "--mask", help="With --init-image: a grayscale image (or a folder, matched by name) whose white part is redrawn; the rest is kept exactly."),
     resample: Optional[int] = typer.Option(None, "--resample", help="With --mask: take each step R times, going back up in between (RePaint's harmonisation).", show_default="1"),
     mask_blur: Optional[float] = typer.Option(None, "--mask-blur", help="With --mask: soft edges, fading in over about PX pixels inside the mask.", show_default="0"),
+    decoder: Optional[Path] = typer.Option(None, "--decoder", help="A latent model: decode with this autoencoder file's decoder instead of the one the model file embeds."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Keep existing files and make only the missing ones."),
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Do not embed generation parameters in the PNGs."),
@@ -304,6 +305,7 @@ def sample(
         checkpoint=str(checkpoint) if checkpoint else None, batch_size=batch_size, out=str(out), name=name,
         grid=str(grid) if grid else None, overwrite=overwrite, skip_existing=skip_existing,
         metadata=not no_metadata, device=device, threads=threads, force=force,
+        decoder=str(decoder) if decoder else None,
         grid_beside_out=grid is None and not no_grid and num_images is None and from_png is None and sys.stderr.isatty(),
         **{k: chosen[k] for k in given},
     )
@@ -446,6 +448,7 @@ def train(
     keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints to keep."),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Preview grid every N steps and at the end (0: never).", show_default="1000; quick: 500"),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes of training (a resumed run counts its earlier minutes), with a checkpoint and the model file, even before --steps."),
+    autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="Train a latent model: encode every image once with this autoencoder file (train-autoencoder or convert-autoencoder) and denoise its latents."),
     metrics_every: int = typer.Option(50, "--metrics-every", help="Steps per metrics.jsonl record."),
     log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
     resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
@@ -475,7 +478,7 @@ def train(
             checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, metrics_every=metrics_every,
             resume=resume, tensorboard=tensorboard, save_dtype=save_dtype,
             eval_every=eval_every, eval_real=str(eval_real) if eval_real else None, eval_images=eval_images,
-            time_limit=time_limit,
+            time_limit=time_limit, autoencoder=str(autoencoder) if autoencoder else None,
         )
         if threads is not None:
             if threads < 1:
@@ -501,6 +504,144 @@ def train(
                 print(f"best FID: {result.best_fid:.4f} at step {result.best_fid_step}")
 
     run_core(job, "train" if json_out else None)
+
+
+@app.command("train-autoencoder")
+def train_autoencoder(
+    data_dir: Path = typer.Argument(..., help="Folder of images (class subfolders are read and their classes ignored)."),
+    out: Path = typer.Option(Path("runs/autoencoder"), "--out", "-o", help="Run folder (config, metrics, previews, checkpoints, model file)."),
+    preset: str = typer.Option("f4", "--preset", help="Architecture: f4 (sides / 4) or f8 (sides / 8)."),
+    latent_channels: int = typer.Option(4, "--latent-channels", help="Channels of the latent."),
+    resolution: str = typer.Option("32", "--resolution", "-r", help="Training size: 32 or HxW, a multiple of the factor."),
+    channels: str = typer.Option("auto", "--channels", help="auto (1 if every image is grayscale), 1 or 3."),
+    flip: bool = typer.Option(False, "--flip", help="Random horizontal flips."),
+    steps: int = typer.Option(20000, "--steps", help="Optimizer steps in total (a resumed run continues to this)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate (AdamW, betas 0.5, 0.9)."),
+    warmup_steps: int = typer.Option(200, "--warmup-steps"),
+    loss: str = typer.Option("l1", "--loss", help="Reconstruction loss: l1 or l2."),
+    kl_weight: float = typer.Option(1e-6, "--kl-weight", help="Weight of the KL term (per latent element vs per pixel value)."),
+    disc_start: int = typer.Option(0, "--disc-start", help="Step the patch discriminator (hinge loss) switches on (0: never)."),
+    disc_weight: float = typer.Option(0.1, "--disc-weight", help="Weight of the adversarial term."),
+    ema_decay: float = typer.Option(0.999, "--ema-decay"),
+    holdout: int = typer.Option(256, "--holdout", help="Images held out of training to measure PSNR (at most a fifth of the folder)."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Steps between checkpoints (each measures held-out PSNR)."),
+    keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints to keep."),
+    sample_every: int = typer.Option(1000, "--sample-every", help="Preview (originals above reconstructions) every N steps and at the end (0: never)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes of training, with a checkpoint and the model file."),
+    metrics_every: int = typer.Option(50, "--metrics-every", help="Steps per metrics.jsonl loss record."),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
+    resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
+    save_dtype: str = typer.Option("fp32", "--save-dtype", help="Weights in model.safetensors: fp32 or fp16."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    json_out: bool = typer.Option(False, "--json", help="JSON Lines: a summary record on stdout, progress records on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
+) -> None:
+    """Train a KL autoencoder (for latent models) on a folder of images."""
+    from diffcli.progress import Progress
+    from diffcli.training.autoencoder import AETrainConfig, train_autoencoder as core
+
+    def job() -> None:
+        cfg = AETrainConfig(
+            data_dir=str(data_dir), out=str(out), preset=preset, latent_channels=latent_channels, resolution=resolution,
+            channels=channels, flip=flip, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, loss=loss,
+            kl_weight=kl_weight, disc_start=disc_start, disc_weight=disc_weight, ema_decay=ema_decay, holdout=holdout,
+            checkpoint_every=checkpoint_every, keep_last=keep_last, sample_every=sample_every, time_limit=time_limit,
+            metrics_every=metrics_every, resume=resume, save_dtype=save_dtype, seed=seed, device=device,
+        )
+        _set_threads(threads)
+        with Progress("training", quiet=quiet, log_every=log_every,
+                      json_command="train-autoencoder" if json_out else None) as bar:
+            result = core(cfg, log=bar.log, progress=bar.update,
+                          decode_progress=lambda i, n: bar.update(i, n, task="decoding images"))
+        if json_out:
+            from diffcli.records import emit
+
+            emit("train-autoencoder", "summary", **result.to_dict())
+        else:
+            print(f"autoencoder: {result.model_path}\nrun: {result.run_dir}\nsteps: {result.steps}  "
+                  f"loss: {result.final_loss:.4f}  held-out PSNR: {result.psnr:.2f} dB  "
+                  f"{result.images_per_second:.0f} img/s  {result.seconds:.0f} s")
+
+    run_core(job, "train-autoencoder" if json_out else None)
+
+
+@app.command()
+def reconstruct(
+    autoencoder: Path = typer.Argument(..., help="Autoencoder file (train-autoencoder or convert-autoencoder)."),
+    folder: Path = typer.Argument(..., help="Folder of images (class subfolders allowed)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the reconstructions: the same relative names, as .png."),
+    resolution: Optional[str] = typer.Option(None, "--resolution", "-r", help="Resize and centre-crop to this size (32 or HxW), as training does. Default: each image's own size, cropped to a multiple of the factor."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
+    json_out: bool = typer.Option(False, "--json", help="JSON Lines: one image record per image, then a summary record."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
+) -> None:
+    """Encode and decode every image of a folder: how faithful an autoencoder is (PSNR, SSIM)."""
+    from diffcli.progress import Progress
+    from diffcli.reconstruct import reconstruct as core
+
+    def job() -> None:
+        _set_threads(threads)
+        from diffcli.records import emit
+
+        with Progress("reconstructing", quiet=quiet, log_every=log_every,
+                      json_command="reconstruct" if json_out else None) as bar:
+            for rec in core(autoencoder, folder, out, resolution=resolution, overwrite=overwrite,
+                            batch_size=batch_size, device=device, progress=bar.update):
+                kind = rec.pop("kind")
+                if json_out:
+                    emit("reconstruct", kind, **rec)
+                elif kind == "summary":
+                    print(f"{rec['images']} images -> {out}\n"
+                          f"PSNR  mean {rec['psnr_mean']:.2f} dB  worst {rec['psnr_worst']:.2f} dB ({rec['worst_psnr_file']})\n"
+                          f"SSIM  mean {rec['ssim_mean']:.4f}     worst {rec['ssim_worst']:.4f} ({rec['worst_ssim_file']})\n"
+                          f"autoencoder {rec['autoencoder']} ({rec['autoencoder_hash']}), factor {rec['factor']}, "
+                          f"{rec['seconds']:.1f} s")
+
+    run_core(job, "reconstruct" if json_out else None)
+
+
+@app.command("convert-autoencoder")
+def convert_autoencoder(
+    src: Path = typer.Argument(..., help="A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors, or a pipeline folder with vae/), or a latent-diffusion .safetensors file (a VAE file or a whole SD checkpoint)."),
+    out: Path = typer.Argument(..., help="The diffcli autoencoder file to write (.safetensors)."),
+    scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Latent scale (0.18215 for SD 1.x/2.x, 0.13025 for SDXL). Default: the diffusers config's; none for a single file (a latent run then measures it)."),
+    norm_groups: Optional[int] = typer.Option(None, "--norm-groups", help="GroupNorm groups of a single file's blocks (not in its tensors).", show_default="32"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print one `result` record (JSON Lines)."),
+) -> None:
+    """Import an existing VAE (diffusers or latent-diffusion layout) as a diffcli autoencoder file."""
+    from diffcli.convert import convert_autoencoder as core
+
+    result = run_core(lambda: core(src, out, scaling_factor=scaling_factor, overwrite=overwrite,
+                                   norm_num_groups=norm_groups), "convert-autoencoder" if json_out else None)
+    if json_out:
+        from diffcli.records import emit
+
+        emit("convert-autoencoder", "result", **result)
+    else:
+        c = result["config"]
+        scale = result["scaling_factor"]
+        print(f"{result['out']} ({result['sha256'][:10]}): {result['layout']} layout, {result['tensors']} tensors, "
+              f"{result['parameters'] / 1e6:.2f} M parameters\n"
+              f"factor {result['factor']}, {c['latent_channels']} latent channels, widths {c['block_out_channels']}, "
+              f"scaling factor {scale if scale is not None else 'none (measured by a latent run)'}"
+              + (f"\nignored {result['ignored_tensors']} tensors that are not the autoencoder's" if result["ignored_tensors"] else ""))
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def usable_cpus() -> int:

@@ -81,6 +81,7 @@ class SampleOptions:
     mask_blur: float = 0.0  # feather the mask inward over about this many pixels
     expect_init_sha256: str | None = None  # --from-png: the recorded hashes of the files it was made from
     expect_mask_sha256: str | None = None
+    decoder: str | None = None  # a latent model: decode with this autoencoder file's decoder instead of the embedded one
 
 
 def resolve_classes(tokens: list[str], mf: ModelFile, n: int, editing: bool = False) -> list[int | None]:
@@ -369,6 +370,13 @@ def plan(opts: SampleOptions) -> Plan:
     if opts.expect_model_hash and mf.model_hash != opts.expect_model_hash and not opts.force:
         raise InputError(f"{opts.from_png} was made with model hash {opts.expect_model_hash}, but {ckpt} has hash "
                          f"{mf.model_hash}; give the model it was made with (-c), or --force to use this one")
+    if mf.latent is None and opts.decoder is not None:
+        raise UsageError(f"--decoder applies to latent models; {ckpt} denoises pixels")
+    if mf.latent is not None:
+        if editing:
+            raise UsageError(f"{ckpt} is a latent model: --init-image and --mask work with pixel models only (for now)")
+        if opts.decoder is not None:
+            swap_decoder(mf, opts.decoder, device)
     if opts.steps > mf.schedule.num_timesteps:
         raise UsageError(f"--steps must be at most the model's {mf.schedule.num_timesteps} timesteps")
     opts.sigmas = registry.resolve_sigmas(opts.sampler, opts.sigmas, opts.steps, mf.tuned, editing)
@@ -434,6 +442,24 @@ def plan(opts: SampleOptions) -> Plan:
     return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype, edits, inputs, strength, span, gi)
 
 
+def swap_decoder(mf: ModelFile, path: str, device: torch.device) -> None:
+    """Decode a latent model's samples with another autoencoder file's decoder: one for the same latent
+    space (the same latent channels and factor, e.g. a decoder fine-tuned further), at the model's scale."""
+    from diffcli.autoencoder import LatentDecoder
+    from diffcli.autoencoder_file import load_autoencoder
+
+    ae = load_autoencoder(path, device)
+    want, got = mf.latent.config, ae.config  # type: ignore[union-attr]
+    if (got.latent_channels, got.factor, got.out_channels) != (want.latent_channels, want.factor, want.out_channels):
+        raise InputError(f"{path} does not fit {mf.path}: it decodes {got.latent_channels}-channel latents at factor "
+                         f"{got.factor} to {got.out_channels} channels, the model makes {want.latent_channels}-channel "
+                         f"latents at factor {want.factor} for {want.out_channels}-channel images")
+    dec = LatentDecoder(got, mf.latent.scaling_factor)  # type: ignore[union-attr]
+    dec.load_state_dict({k: v for k, v in ae.model.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))})
+    mf.decoder = dec.to(device).eval()
+    mf.decoder_file = ae
+
+
 def _interval_text(interval: tuple[float, float] | None) -> str:
     return "" if interval is None else f" at sigma {interval[0]:.3g} to {interval[1]:.3g}"
 
@@ -482,7 +508,14 @@ def run(
     if opts.threads:
         torch.set_num_threads(opts.threads)
     mf, cfg = p.mf, p.mf.config
-    shape = (cfg.in_channels, cfg.image_height, cfg.image_width)
+    shape = (cfg.in_channels, cfg.image_height, cfg.image_width)  # a latent model: the latent's shape
+    if mf.latent is not None:
+        opts.clip_x0 = False  # latents have no [-1, 1] range to clip x0 to
+        if log:
+            ae = getattr(mf, "decoder_file", None)
+            log(f"latent model: {shape[0]}x{shape[1]}x{shape[2]} latents, decoded by "
+                + (f"{ae.path} ({ae.hash})" if ae else f"the embedded decoder of {mf.latent.name}")
+                + f" to {mf.image_shape[2]}x{mf.image_shape[1]}")
     denoiser = autocast_denoiser(mf.model, p.device, p.dtype)
     null = mf.model.null_class if cfg.num_classes else None
     todo = [i for i in range(len(p.seeds)) if not (opts.skip_existing and p.paths[i].exists())]
@@ -492,7 +525,7 @@ def run(
     # everything needed to render an image again (`sample --from-png`), beside its seed and class
     common = {
         "steps": opts.steps, "sampler": opts.sampler, "guidance": p.guidance,
-        "width": cfg.image_width, "height": cfg.image_height, "model_hash": mf.model_hash,
+        "width": mf.image_shape[2], "height": mf.image_shape[1], "model_hash": mf.model_hash,
         "diffcli_version": __version__, "clip": opts.clip_x0, "precision": _PRECISION[str(p.dtype).removeprefix("torch.")],
         "device": p.device.type,
     }
@@ -505,6 +538,12 @@ def run(
     if p.interval is not None:
         common["guidance_interval"] = f"{p.interval[0]!r},{p.interval[1]!r}"  # every digit: --from-png redoes it
     sigmas = registry.sigmas_for(opts.sigmas, opts.sampler, opts.steps, mf.tuned)
+    latent_fields: dict[str, Any] = {}
+    if mf.latent is not None:  # the --json image record says the model is latent and what decodes it
+        swapped = getattr(mf, "decoder_file", None)
+        latent_fields = {"autoencoder": {"name": mf.latent.name, "sha256": mf.latent.sha256,
+                                         "scaling_factor": mf.latent.scaling_factor,
+                                         "decoder": swapped.path if swapped else "embedded"}}
     skipped = 0
 
     def skip(i: int) -> dict[str, Any]:
@@ -543,7 +582,8 @@ def run(
             )
             done_steps += opts.steps * len(idx)
             seconds = (time.perf_counter() - t0) / len(idx)
-            imgs = to_uint8(res.images)
+            x = res.images if mf.decoder is None else mf.decoder(res.images.to(p.device)).clamp(-1, 1).cpu()
+            imgs = to_uint8(x)
             if init is not None:
                 imgs = edit.compose(imgs, init, weight)  # outside the mask: the init image's bytes
             for j, i in enumerate(idx):
@@ -560,7 +600,7 @@ def run(
                     continue
                 pixels[i] = imgs[j]
                 yield {"kind": "image", "path": str(p.paths[i]), "index": i, **params, "seconds": round(seconds, 4),
-                       "skipped": False, **({"from_png": opts.from_png} if opts.from_png else {})}
+                       "skipped": False, **({"from_png": opts.from_png} if opts.from_png else {}), **latent_fields}
     summary: dict[str, Any] = {"kind": "summary", "images": len(pixels), "skipped": skipped,
                                "seconds": round(time.perf_counter() - started, 3), "out": opts.out}
     if p.grid is not None:
@@ -573,6 +613,7 @@ def write_grid(p: Plan, pixels: dict[int, torch.Tensor], opts: SampleOptions) ->
     from PIL import Image
 
     cfg = p.mf.config
+    C, H, W = p.mf.image_shape
     cells = []
     for i, path in enumerate(p.paths):
         if i in pixels:
@@ -580,16 +621,16 @@ def write_grid(p: Plan, pixels: dict[int, torch.Tensor], opts: SampleOptions) ->
             continue
         try:  # skipped: an earlier run wrote it
             with Image.open(path) as im:
-                im = im.convert("L" if cfg.in_channels == 1 else "RGB")
+                im = im.convert("L" if C == 1 else "RGB")
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            cells.append(data.reshape(cfg.image_height, cfg.image_width, cfg.in_channels))
+            cells.append(data.reshape(H, W, C))
         except Exception:
-            cells.append(torch.zeros(cfg.image_height, cfg.image_width, cfg.in_channels, dtype=torch.uint8))
+            cells.append(torch.zeros(H, W, C, dtype=torch.uint8))
     order, cols = grid_layout(p.classes, cfg.num_classes)
     blank = torch.zeros_like(cells[0])
     grid = make_grid(torch.stack([cells[i] if i is not None else blank for i in order]), ncols=cols)
     img = to_pil(grid)
-    scale = max(1, 64 // max(1, min(cfg.image_height, cfg.image_width)))  # small images: cells >= 64 px
+    scale = max(1, 64 // max(1, min(H, W)))  # small images: cells >= 64 px
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     text = None

@@ -54,9 +54,13 @@ class Info:
     sampling_defaults: dict[str, Any]  # what `diffcli sample` uses with no flags; {} for a checkpoint
     tuned: list[dict[str, Any]] = field(default_factory=list)  # sampling.tuned entries (diffcli tune), checked
     training: dict[str, Any] = field(default_factory=dict)
+    autoencoder: dict[str, Any] | None = None  # a latent model: the embedded decoder's autoencoder (name, sha256, ...)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["autoencoder"] is None:  # a pixel model: no key at all
+            del d["autoencoder"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -92,7 +96,8 @@ def preset_of(cfg: ModelConfig, stored: Any = None) -> str:
 
 def model_kind(cfg: ModelConfig, meta: dict[str, str]) -> str:
     """What a model makes images from. The one place to recognise a new kind (latent, text)."""
-    return "class-conditional" if cfg.num_classes else "unconditional"
+    kind = "class-conditional" if cfg.num_classes else "unconditional"
+    return f"latent {kind}" if "autoencoder" in meta else kind
 
 
 def _weights(tensors: dict[str, TensorInfo]) -> tuple[int, str]:
@@ -143,11 +148,17 @@ def sampling_defaults(cfg: ModelConfig, sampling: dict[str, Any], tuned: list[An
 def _model_file(path: Path, header: Header) -> dict[str, Any]:
     ms = checkpoint.validate_model_file(header, path)
     cfg = ms.config
-    parameters, dtype = _weights(header.tensors)
+    parameters, dtype = _weights({k: t for k, t in header.tensors.items() if not k.startswith("autoencoder.")})
+    lat = ms.latent
+    ae = None
+    if lat is not None:
+        ae = {**lat.to_dict(), "factor": lat.config.factor, "latent_size": [cfg.in_channels, cfg.image_height, cfg.image_width],
+              "decoder_parameters": _weights({k: t for k, t in header.tensors.items() if k.startswith("autoencoder.")})[0]}
     return dict(
         model_kind=model_kind(cfg, header.meta), preset=preset_of(cfg, ms.training.get("preset")),
-        parameters=parameters, weights_dtype=dtype, image_size=[cfg.image_height, cfg.image_width],
-        channels=cfg.in_channels, classes=ms.class_names, model_config=cfg.to_dict(), schedule=ms.schedule.to_dict(),
+        parameters=parameters, weights_dtype=dtype,
+        image_size=list(lat.image_size) if lat else [cfg.image_height, cfg.image_width],
+        channels=lat.channels if lat else cfg.in_channels, classes=ms.class_names, autoencoder=ae, model_config=cfg.to_dict(), schedule=ms.schedule.to_dict(),
         prediction=ms.prediction, sampling_defaults=sampling_defaults(cfg, ms.sampling, ms.tuned),
         tuned=[t.to_dict() for t in ms.tuned], training=ms.training,
     )
@@ -255,6 +266,14 @@ def rows(info: Info) -> list[tuple[str, list[tuple[str, str]]]]:
         ]),
         ("Diffusion", [("schedule", sched), ("prediction", info.prediction)]),
     ]
+    if info.autoencoder:
+        a = info.autoencoder
+        c, h, w = a["latent_size"]
+        out.insert(2, ("Latent", [
+            ("autoencoder", f"{a['name']} ({a['sha256'][:10]}), factor {a['factor']}"),
+            ("latent", f"{c}x{h}x{w}, scaled by {a['scaling_factor']:.5g}"),
+            ("decoder", f"embedded, {_count(a['decoder_parameters'])}"),
+        ]))
     if info.kind == "model":
         where = f"{d['sigmas']} sigmas" if d["sigmas"] else f"{d['spacing']} spacing"
         out.append(("Sampling defaults", [

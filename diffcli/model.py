@@ -58,7 +58,7 @@ class ModelConfig:
     FIELDS: ClassVar[tuple[Field, ...]] = (
         field("image_height", int, min=1, max=16384),
         field("image_width", int, min=1, max=16384),
-        field("in_channels", int, choices=(1, 3)),
+        field("in_channels", int, min=1, max=64),  # 1 or 3 for pixels; a latent model: the latent channels
         field("patch_size", int, min=1, max=256),
         field("hidden_size", int, min=4, max=65536),
         field("depth", int, min=1, max=1024),

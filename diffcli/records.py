@@ -18,6 +18,8 @@ _IMAGE_OPTIONAL = (
     "diffcli_version", "nfe", "seconds", "clip", "precision", "device", "from_png", "guidance_interval",
     # an edited image (--init-image): its files and how they were used
     "init_image", "init_sha256", "strength", "mask", "mask_sha256", "resample", "mask_blur",
+    # a latent model: its autoencoder (name, sha256, scaling_factor) and the decoder used
+    "autoencoder",
 )
 _PROGRESS = (("task", "completed", "total", "elapsed", "eta"), ("loss", "images_per_second"))
 _ERROR = (("message", "exit_code"), ())
@@ -44,7 +46,25 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
                      "stopped_by"), ("best_fid", "best_fid_step")),
         "error": _ERROR,
     },
-    "info": {kind: (_INFO, ("tuned", "training")) for kind in ("model", "checkpoint")} | {"error": _ERROR},
+    "train-autoencoder": {
+        "progress": _PROGRESS,
+        "summary": (("model_path", "run_dir", "steps", "resumed_from", "final_loss", "psnr", "seconds",
+                     "images_per_second", "stopped_by"), ()),
+        "error": _ERROR,
+    },
+    "convert-autoencoder": {
+        "result": (("source", "layout", "source_sha256", "ignored_tensors", "config", "scaling_factor", "factor", "tensors",
+                    "parameters", "out", "sha256"), ()),
+        "error": _ERROR,
+    },
+    "reconstruct": {
+        "image": (("file", "out", "psnr", "ssim", "height", "width"), ()),
+        "summary": (("images", "psnr_mean", "psnr_worst", "worst_psnr_file", "ssim_mean", "ssim_worst", "worst_ssim_file",
+                     "autoencoder", "autoencoder_hash", "factor", "seconds"), ()),
+        "progress": _PROGRESS,
+        "error": _ERROR,
+    },
+    "info": {kind: (_INFO, ("tuned", "training", "autoencoder")) for kind in ("model", "checkpoint")} | {"error": _ERROR},
     "eval": {
         "result": (("fid", "kid_mean", "kid_std", "precision", "recall", "accuracy", "per_class_accuracy", "features",
                     "n_samples", "n_real", "kid_subsets", "kid_subset_size", "neighbours", "samples", "real",

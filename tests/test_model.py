@@ -162,7 +162,7 @@ def test_from_dict_rejects_unknown_fields():
 
 
 @pytest.mark.parametrize(
-    "overrides", [{"image_height": 10}, {"hidden_size": 30}, {"in_channels": 2}, {"depth": 0}, {"num_classes": -1}]
+    "overrides", [{"image_height": 10}, {"hidden_size": 30}, {"in_channels": 0}, {"depth": 0}, {"num_classes": -1}]
 )
 def test_invalid_configs_raise_usage_error(make_config, overrides):
     with pytest.raises(UsageError):
@@ -190,7 +190,7 @@ def test_state_dict_shapes_are_those_of_the_built_model(make_config, overrides):
         ({"depth": True}, "model_config.depth must be an integer in [1, 1024], found true"),
         ({"depth": 2.0}, "model_config.depth must be an integer in [1, 1024], found 2.0"),
         ({"mlp_ratio": float("nan")}, "model_config.mlp_ratio must be a finite number in (0, 64], found NaN"),
-        ({"in_channels": 2}, "model_config.in_channels must be one of 1, 3, found 2"),
+        ({"in_channels": 65}, "model_config.in_channels must be an integer in [1, 64], found 65"),
         ({"long_skip": 1}, "model_config.long_skip must be true or false, found 1"),
         ({"hidden_size": 30}, "model_config.hidden_size: hidden size 30 must be divisible by 4"),
         ({"image_height": 10}, "model_config.patch_size: resolution 10x8 is not a multiple of the patch size 4"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from diffcli.data import ImageSet, parse_resolution
+from diffcli.latents import LatentSet
 from diffcli.errors import UsageError
 from diffcli.training.config import TrainConfig
 
@@ -97,8 +98,13 @@ class Batch:
 class Batches:
     """The cached image set on the training device, and step -> this rank's Batch."""
 
-    def __init__(self, cfg: TrainConfig, data: ImageSet, rank: int, world: int, device: torch.device) -> None:
-        self.pixels = data.pixels.to(device)  # the whole cached set lives on the training device
+    def __init__(self, cfg: TrainConfig, data: ImageSet, rank: int, world: int, device: torch.device,
+                 latents: LatentSet | None = None) -> None:
+        self.latents = latents
+        if latents is None:
+            self.pixels = data.pixels.to(device)  # the whole cached set lives on the training device
+        else:  # a latent run: the posterior of every image (and of its mirror image with --flip)
+            self.mean, self.logvar = latents.mean.to(device), latents.logvar.to(device)
         self.labels = data.labels.to(device)
         self.order = DataOrder(len(data.files), cfg.batch_size, cfg.seed)
         B = cfg.batch_size
@@ -113,6 +119,8 @@ class Batches:
         self.null = self.num_classes  # the null class index (unconditional models only have it)
 
     def at(self, step: int) -> Batch:
+        if self.latents is not None:
+            return self._latent_at(step)
         cfg, device = self.cfg, self.device
         B, C, H, W = cfg.batch_size, self.pixels.shape[1], self.H, self.W
         g = step_generator(cfg.seed, 2, step)
@@ -125,6 +133,32 @@ class Batches:
         mine = slice(lo, lo + self.per_rank)
         x0 = augment(self.pixels[idx[mine].to(device)], cfg, H, W, flip[mine], g, lo, device)
         y = self.labels[idx[mine].to(device)].clone()
+        y[drop[mine].to(device)] = self.null
+        if not self.num_classes:
+            y.fill_(self.null)
+        return Batch(x0, y, t_all[mine].to(device), noise_all[mine].to(device))
+
+    def _latent_at(self, step: int) -> Batch:
+        """x0 = scaling_factor x a draw from the cached posterior q(z|x) (Rombach et al. 2022: the DiT
+        learns the distribution of latents, so it sees fresh posterior samples, not only the means)."""
+        cfg, device, lat = self.cfg, self.device, self.latents
+        assert lat is not None
+        B, (C, h, w) = cfg.batch_size, self.mean.shape[1:]
+        g = step_generator(cfg.seed, 2, step)
+        idx = self.order.batch_indices(step)
+        t_all = sample_timesteps(cfg, B, g)
+        noise_all = torch.randn((B, C, h, w), generator=g)
+        drop = torch.rand(B, generator=g) < cfg.class_dropout
+        flip = torch.rand(B, generator=g) < 0.5
+        eps_all = torch.randn((B, C, h, w), generator=g)  # the posterior draw
+        lo = self.rank * self.per_rank
+        mine = slice(lo, lo + self.per_rank)
+        i = idx[mine]
+        row = (i + len(self.labels) * flip[mine].long()) if lat.flipped else i  # mirror images follow the originals
+        row = row.to(device)
+        mean, logvar = self.mean[row].float(), self.logvar[row].float()
+        x0 = lat.scaling_factor * (mean + torch.exp(0.5 * logvar) * eps_all[mine].to(device))
+        y = self.labels[i.to(device)].clone()
         y[drop[mine].to(device)] = self.null
         if not self.num_classes:
             y.fill_(self.null)

@@ -96,6 +96,7 @@ class TrainConfig:
     eval_real: str | None = None  # folder of real images to measure the EMA model's samples against
     eval_images: int = 1000  # samples per evaluation
     time_limit: float | None = None  # minutes of training (all runs of the folder together); None: --steps only
+    autoencoder: str | None = None  # an autoencoder file: train on its latents (diffcli/latents.py)
 
     # options that define what is trained: they must match when resuming
     IDENTITY = (
@@ -167,6 +168,12 @@ class TrainConfig:
         need(2 <= self.eval_images <= 100_000, f"--eval-images must be between 2 and 100000, got {self.eval_images}")
         need(not (self.zero_terminal_snr and self.prediction == "epsilon"),
              "--zero-terminal-snr needs --prediction v (epsilon cannot be sampled at alpha_bar = 0)")
+        need(not (self.autoencoder and self.crop == "random"),
+             "--crop random cannot be used with --autoencoder (each image is encoded once, at one crop)")
+        need(not (self.autoencoder and self.eval_every),
+             "--eval-every is not available for latent models yet; run diffcli eval on the model file")
         H, W = parse_resolution(self.resolution)
+        if self.autoencoder:
+            return  # the patch size is checked against the latent's size once the autoencoder is read
         # an unknown preset or a resolution the patch size does not divide fails now, not after decoding
         preset_config(self.model, image_height=H, image_width=W, learn_sigma=self.learn_sigma, long_skip=self.long_skip)

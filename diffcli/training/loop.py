@@ -16,7 +16,7 @@ import torch
 from diffcli import __version__, atomic, checkpoint
 from diffcli.data import ImageSet, load_folder, parse_resolution
 from diffcli.device import resolve_precision
-from diffcli.errors import DiffcliError, Interrupted, UsageError
+from diffcli.errors import DiffcliError, InputError, Interrupted, UsageError
 from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.batches import Batch, Batches
@@ -66,13 +66,20 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
         log(f"resuming from {resumed.path} at step {resumed.step}")
     warmup_note = cfg.resolve_warmup()  # said once the data and model are known to be fine
 
-    data = _load_data(cfg, run, d, H, W, log, decode_progress)
+    ae_spec = _check_autoencoder(cfg, H, W)
+    # with an autoencoder, the images take its channels (gray ones are expanded for an RGB autoencoder)
+    channels = cfg.channels if ae_spec is None else str(ae_spec.config.in_channels)
+    data = _load_data(cfg, run, d, H, W, log, decode_progress, channels)
+    latents, latent = None, None
+    if ae_spec is not None:
+        latents, latent = _prepare_latents(cfg, run, d, device, data, log, decode_progress)
     evaluation = None
     if cfg.eval_every and d.main:  # the real side, once, before the run starts (a bad --eval-real fails now)
         from diffcli.training.evaluation import EvalHook
 
         evaluation = EvalHook.prepare(cfg, data.class_names, run.metrics, device, log)
-    mcfg = preset_config(cfg.model, image_height=H, image_width=W, in_channels=data.pixels.shape[1],
+    C, h, w = (data.pixels.shape[1], H, W) if latents is None else tuple(latents.mean.shape[1:])
+    mcfg = preset_config(cfg.model, image_height=h, image_width=w, in_channels=C,
                          num_classes=len(data.class_names), learn_sigma=cfg.learn_sigma, long_skip=cfg.long_skip)
     learner = Learner.build(cfg, mcfg, d, device, resumed)
     log(f"model: {cfg.model}{' +long-skip' if cfg.long_skip else ''}, "
@@ -95,8 +102,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     tb = _tensorboard(cfg, run) if d.main else None
     if evaluation is not None:
         evaluation.tb = tb
-    batches = Batches(cfg, data, d.rank, d.world, device)
-    saver = Checkpointer(run, cfg, data, mcfg, learner.schedule)
+    batches = Batches(cfg, data, d.rank, d.world, device, latents)
+    saver = Checkpointer(run, cfg, data, mcfg, learner.schedule, latent)
 
     # ---- the loop -------------------------------------------------------------------------------
     t_start = time.perf_counter()
@@ -128,7 +135,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
                 saver.save(step, learner.model, learner.ema, learner.opt, elapsed, final=step == cfg.steps)
             if cfg.sample_every and (step % cfg.sample_every == 0 or last) and d.main:
                 png = run.samples / f"step_{step:07d}.png"
-                preview(learner.ema, learner.schedule, cfg, data.class_names, png, device)
+                preview(learner.ema, learner.schedule, cfg, data.class_names, png, device,
+                        decoder=latent[1] if latent else None)
             if evaluation is not None and evaluation.due(step) and not stop_now:  # a stop is not kept waiting
                 rec = evaluation(step, learner.ema, learner.schedule)
                 meter.t_window += rec["eval_seconds"]  # images/s counts training time only
@@ -149,9 +157,56 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
                        **(evaluation.best() if evaluation else {}))
 
 
+def _check_autoencoder(cfg: TrainConfig, H: int, W: int):
+    """--autoencoder, read from its header before any image is decoded: the file is an autoencoder, its
+    channels fit --channels, the resolution is a multiple of its factor and the latent of the patch size."""
+    if not cfg.autoencoder:
+        return None
+    from diffcli.autoencoder_file import read_autoencoder_spec
+
+    spec = read_autoencoder_spec(cfg.autoencoder)
+    ae, path = spec.config, cfg.autoencoder
+    if cfg.channels != "auto" and int(cfg.channels) != ae.in_channels:
+        raise InputError(f"{path} encodes {ae.in_channels}-channel images, --channels is {cfg.channels}")
+    if H % ae.factor or W % ae.factor:
+        raise UsageError(f"--resolution {cfg.resolution} is not a multiple of {path}'s factor {ae.factor}")
+    preset_config(cfg.model, image_height=H // ae.factor, image_width=W // ae.factor, in_channels=ae.latent_channels,
+                  learn_sigma=cfg.learn_sigma, long_skip=cfg.long_skip)
+    return spec
+
+
+def _prepare_latents(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device, data: ImageSet,
+                     log: Callable[[str], None], progress: Callable[[int, int], None] | None):
+    """The cached posterior of every image (diffcli/latents.py; process 0 encodes, the others read),
+    and what the model file embeds: the decoder and its settings."""
+    from diffcli.autoencoder import LatentDecoder
+    from diffcli.autoencoder_file import load_autoencoder
+    from diffcli.checkpoint import LatentSpec
+    from diffcli.data import _digest
+    from diffcli.latents import load_or_encode
+
+    ae = load_autoencoder(cfg.autoencoder, device)
+    digest = _digest(data.pixels, data.labels)
+    path = run.root / "latents.safetensors"
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(run.root, older_than=time.time())  # a cache a killed run was writing
+    args = (ae, data.pixels, digest, cfg.flip, cfg.resolution, device, log, progress)
+    latents = load_or_encode(path, *args, write=True) if d.main else None
+    if d.active:
+        torch.distributed.barrier()
+    if latents is None:
+        latents = load_or_encode(path, *args, write=False)
+    decoder = LatentDecoder(ae.config, latents.scaling_factor)
+    decoder.load_state_dict({k: v for k, v in ae.model.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))})
+    decoder.to(device).eval().requires_grad_(False)
+    H, W = data.pixels.shape[2:]
+    spec = LatentSpec(ae.config, latents.scaling_factor, ae.sha256, Path(ae.path).name, (H, W), ae.config.out_channels)
+    return latents, (spec, decoder)
+
+
 def _load_data(cfg: TrainConfig, run: RunDir, d: Dist, H: int, W: int, log: Callable[[str], None],
-               decode_progress: Callable[[int, int], None] | None) -> ImageSet:
-    data = load_folder(cfg.data_dir, (H, W), cfg.channels, cfg.crop, cfg.unconditional, cfg.num_workers,
+               decode_progress: Callable[[int, int], None] | None, channels: str | None = None) -> ImageSet:
+    data = load_folder(cfg.data_dir, (H, W), channels or cfg.channels, cfg.crop, cfg.unconditional, cfg.num_workers,
                        decode_progress, cache_path=run.cache if d.main else None, log=log)
     if data.skipped:
         names = ", ".join(Path(f).name for f, _ in data.skipped[:5])
@@ -343,7 +398,8 @@ def _tensorboard(cfg: TrainConfig, run: RunDir):
 
 @torch.no_grad()
 def preview(ema: DiT, schedule: NoiseSchedule, cfg: TrainConfig, class_names: list[str], path: Path,
-            device: torch.device, steps: int = 25, per_class: int = 4) -> None:
+            device: torch.device, steps: int = 25, per_class: int = 4,
+            decoder: torch.nn.Module | None = None) -> None:
     """A grid from a fixed seed with the EMA weights: one row per class (per_class images each), or
     16 images for an unconditional model."""
     from diffcli.images import make_grid, save_png, to_pil, to_uint8
@@ -360,9 +416,11 @@ def preview(ema: DiT, schedule: NoiseSchedule, cfg: TrainConfig, class_names: li
     cfg_m = ema.config
     res = sample(ema, schedule, (cfg_m.in_channels, cfg_m.image_height, cfg_m.image_width), steps, "ddim",
                  seeds=list(range(n)), labels=labels, null_label=ema.null_class if K else None,
-                 guidance=cfg.guidance if K else 1.0, prediction=cfg.prediction, device=device)
-    grid = to_pil(make_grid(to_uint8(res.images), ncols=cols))
-    scale = max(1, 64 // min(cfg_m.image_height, cfg_m.image_width))
+                 guidance=cfg.guidance if K else 1.0, prediction=cfg.prediction, device=device,
+                 clip_x0=1.0 if decoder is None else None)  # latents have no [-1, 1] range
+    images = res.images if decoder is None else decoder(res.images.to(device)).clamp(-1, 1).cpu()
+    grid = to_pil(make_grid(to_uint8(images), ncols=cols))
+    scale = max(1, 64 // min(images.shape[2], images.shape[3]))
     if scale > 1:
         from PIL import Image
 

@@ -169,6 +169,7 @@ class Checkpointer:
     data: ImageSet
     model_config: ModelConfig
     schedule: NoiseSchedule
+    latent: tuple[Any, Any] | None = None  # a latent run: (checkpoint.LatentSpec, its LatentDecoder)
 
     def save(self, step: int, model: DiT, ema: DiT, opt: torch.optim.Optimizer, elapsed: Callable[[], float],
              final: bool = False) -> None:
@@ -185,4 +186,5 @@ class Checkpointer:
                                         "dataset": str(cfg.data_dir), "preset": cfg.model, "batch_size": B,
                                         "lr": cfg.lr, "seconds": round(elapsed(), 1), "final": final},
                               sampling={"guidance": cfg.guidance if data.class_names else 1.0},
-                              dtype=torch.float16 if cfg.save_dtype == "fp16" else torch.float32)
+                              dtype=torch.float16 if cfg.save_dtype == "fp16" else torch.float32,
+                              latent=self.latent)
