@@ -193,8 +193,13 @@ def score(args: argparse.Namespace, evaluator: Any, samplers: list[str]) -> dict
             res = registry.sample(mf.model, mf.schedule, (mc.in_channels, mc.image_height, mc.image_width), steps_n,
                                   name, seeds=seeds, labels=labels[seeds], null_label=mf.model.null_class,
                                   guidance=float(mf.sampling.get("guidance", 1.0)), prediction=mf.prediction,
-                                  device=torch.device("cpu"), sigmas=sigmas)
-            chunks.append(to_uint8(res.images).permute(0, 3, 1, 2))
+                                  device=torch.device("cpu"), sigmas=sigmas,
+                                  clip_x0=None if mf.decoder is not None else 1.0)
+            x = res.images
+            if mf.decoder is not None:  # a latent model: its embedded decoder makes the pixels
+                with torch.inference_mode():
+                    x = mf.decoder(x).clamp(-1, 1)
+            chunks.append(to_uint8(x).permute(0, 3, 1, 2))
         s = evaluator.score_pixels(torch.cat(chunks), [mf.class_names[int(k)] for k in labels])
         out[spec] = {"accuracy": round(100 * s.accuracy, 2), "fd": round(s.fid, 4),
                      "sample_seconds": round(time.perf_counter() - t0, 1)}

@@ -187,6 +187,16 @@ def _names(names: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _listing(lists: list[tuple[str, list[str]]], budget: int = 600) -> str:
+    """'what: a, b and 3 more; ...' for the non-empty lists, naming up to 10 of each, fewer where that
+    keeps it within budget characters (the error stays one short line however many tensors are wrong)."""
+    for limit in (10, 5, 3, 1):
+        said = "; ".join(f"{what}: {_names(v, limit)}" for what, v in lists if v)
+        if len(said) <= budget:
+            return said
+    return said[: budget - 3] + "..."
+
+
 def match_tensors(path: Path, infos: dict[str, TensorInfo], cfg: AutoencoderConfig, prefixes: dict[str, str],
                   keep: bool, described_by: str, shown_prefix: str = "") -> dict[str, str]:
     """{their name: our name} for every tensor the config needs, after checking that each of the file's
@@ -212,10 +222,9 @@ def match_tensors(path: Path, infos: dict[str, TensorInfo], cfg: AutoencoderConf
     back = {} if keep else {o: t for t, o in prefixes.items()}
     missing = [shown_prefix + (rename(o, back, keep=True) or o) for o in expected if o not in taken]
     if unmapped or missing or wrong:
-        parts = [f"{len(v)} {k}: {_names(v)}" for k, v in
-                 (("unknown", unmapped), ("missing", missing), ("with the wrong shape or type", wrong)) if v]
-        raise InputError(f"{path}: the tensors do not match the autoencoder {described_by} "
-                         f"({'; '.join(parts)}); nothing was written")
+        said = _listing([(f"{len(v)} {k}", v) for k, v in
+                         (("unknown", unmapped), ("missing", missing), ("with the wrong shape or type", wrong))])
+        raise InputError(f"{path}: the tensors do not match the autoencoder {described_by} ({said}); nothing was written")
     return mapping
 
 
@@ -310,8 +319,7 @@ def ldm_config(path: Path, infos: dict[str, TensorInfo], norm_num_groups: int, s
     missing = [shown_prefix + k for k in needed if k not in infos]
     bad = [f"{shown_prefix}{k} {list(infos[k].shape)}" for k in needed if k in infos and len(infos[k].shape) != 4]
     if missing or bad:
-        said = "; ".join(s for s in (f"missing: {_names(missing)}" if missing else "",
-                                     f"not 4-d conv weights: {_names(bad)}" if bad else "") if s)
+        said = _listing([("missing", missing), ("not 4-d conv weights", bad)])
         raise InputError(f"{path}: cannot tell the autoencoder's layout from its tensors ({said}); nothing was written")
     n = max(levels) + 1
     d = {

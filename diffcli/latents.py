@@ -28,6 +28,7 @@ import torch
 from diffcli import checkpoint
 from diffcli.autoencoder_file import AutoencoderFile
 from diffcli.errors import InputError
+from diffcli.validate import describe
 
 LATENT_FORMAT = "diffcli.latents"
 
@@ -88,10 +89,12 @@ def load_or_encode(path: Path, ae: AutoencoderFile, pixels: torch.Tensor, data_s
         for key, value in expect.items():
             found = header.meta.get(key)
             if found != value:
+                # the file's value as one short line (a hostile one may be long or hold newlines)
+                shown = found if found is not None and found.isprintable() and len(found) <= 64 else describe(found)
                 what = {"data_sha256": "the images of the data folder differ from those it was encoded from",
-                        "autoencoder_sha256": f"it was encoded by autoencoder {str(found)[:10]}, --autoencoder is {ae.hash}",
-                        "flip": f"it was made with flip {found}, the run has {value}",
-                        "resolution": f"it was made at resolution {found}, the run has {value}"}[key]
+                        "autoencoder_sha256": f"it was encoded by autoencoder {shown[:10]}, --autoencoder is {ae.hash}",
+                        "flip": f"it was made with flip {shown}, the run has {value}",
+                        "resolution": f"it was made at resolution {shown}, the run has {value}"}[key]
                 raise InputError(f"latent cache {path} is stale: {what}{delete}")
         shape = (M, c, h, w)
         problem = checkpoint.tensor_problem(header.tensors, {"mean": (shape, ("F16",)), "logvar": (shape, ("F16",))},

@@ -1,4 +1,6 @@
-"""Fuzzing every reader of files from elsewhere: model files, training state, the data cache, PNG text.
+"""Fuzzing every reader of files from elsewhere: model files (pixel and latent), training state, the data
+cache, autoencoder files, the latent cache, autoencoder training state, imported autoencoders (latent-
+diffusion single files, diffusers folders), PNG text.
 
 Each test mutates a valid file (tests/fuzzing.py: every metadata field removed, retyped, set to 0,
 -1, 2**62, 1e308, NaN, Infinity; tensors dropped, renamed, reshaped, retyped; header entries and
@@ -32,22 +34,32 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
 
-from diffcli import atomic, checkpoint, data as data_mod
-from diffcli.checkpoint import load_model, read_schedule, save_model
+from diffcli import atomic, autoencoder as autoencoder_mod, autoencoder_file, checkpoint, convert, data as data_mod
+from diffcli import latents as latents_mod
+from diffcli.autoencoder import AE_PRESETS, AutoencoderConfig, AutoencoderKL, LatentDecoder
+from diffcli.autoencoder_file import load_autoencoder, read_autoencoder_spec, save_autoencoder
+from diffcli.checkpoint import LatentSpec, load_model, read_schedule, save_model
 from diffcli.cli import main
+from diffcli.convert import import_autoencoder
 from diffcli.data import load_folder
-from diffcli.errors import InputError
+from diffcli.errors import InputError, UsageError
 from diffcli.images import generation_text, read_png_text
 from diffcli.info import describe
+from diffcli.latents import load_or_encode
 from diffcli.model import ModelConfig
 from diffcli.diffusion.schedule import NoiseSchedule
+from diffcli.training.autoencoder import AE_STATE_FORMAT, AETrainConfig, train_autoencoder
+from diffcli.training.autoencoder import _modules as _ae_modules, _resume as _ae_resume
+from diffcli.training.rundir import RunDir
 
 from fuzzing import (
-    JSON_TOKENS, MEMORY_MEASURED, REMOVE, SEED, VALUES, Mutant, count, header_mutants, metadata_mutants, pack, random_mutants, run_mutant, split, tensor_mutants,
+    JSON_TOKENS, MEMORY_MEASURED, REMOVE, SEED, VALUES, Mutant, count, header_mutants, leaf_paths, metadata_mutants, pack,
+    random_mutants, run_mutant, set_path, split, tensor_mutants,
 )
 
-MODEL_JSON = ("model_config", "schedule", "class_names", "training", "sampling", "image_size")
+MODEL_JSON = ("model_config", "schedule", "class_names", "training", "sampling", "image_size", "autoencoder")
 STATE_JSON = ("model_config", "schedule", "class_names", "train_config")
 CACHE_JSON = ("class_names", "files", "skipped")
 TINY_TRAIN = ["--model", "DiT-T/4", "--resolution", "8", "--batch-size", "4", "--warmup-steps", "1",
@@ -72,9 +84,25 @@ def _no_debug(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+# the autoencoder of the latent readers: widths 8 and 16 (f = 2), 4 groups; 16x16 RGB <-> 4x8x8
+AE_CFG = AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4)
+AE_SCALE = 0.7
+
+
+def tiny_autoencoder(seed: int = 0) -> AutoencoderKL:
+    """Every parameter N(0, 0.05^2) away from its init (seeded), so biases and norms matter too."""
+    torch.manual_seed(seed)
+    model = AutoencoderKL(AE_CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory, make_dit) -> dict[str, Path]:
-    """fp32 and fp16 files of a conditional model with learned variance and one long skip (depth 3)."""
+    """fp32 and fp16 files of a conditional model with learned variance and one long skip (depth 3), and
+    a latent one (fp32): the same kind of DiT on AE_CFG's 4x8x8 latents, with the autoencoder's decoder."""
     folder = tmp_path_factory.mktemp("fuzz-models")
     model = make_dit(num_classes=3, learn_sigma=True, long_skip=True, depth=3)
     schedule = NoiseSchedule("cosine", 100)
@@ -87,30 +115,76 @@ def model_files(tmp_path_factory, make_dit) -> dict[str, Path]:
         paths[name] = folder / f"{name}.safetensors"
         save_model(paths[name], model, schedule, "v", ["a", "b", "c"],
                    training={"steps": 5, "note": "fuzz"}, sampling={"guidance": 2.0, "tuned": tuned}, dtype=dtype)
+    decoder = LatentDecoder(AE_CFG, AE_SCALE)
+    decoder.load_state_dict(tiny_autoencoder().decoder_state())
+    spec = LatentSpec(AE_CFG, AE_SCALE, "ab" * 32, "ae.safetensors", (16, 16), 3)
+    paths["latent"] = folder / "latent.safetensors"
+    save_model(paths["latent"], make_dit(num_classes=3, learn_sigma=True, long_skip=True, depth=3, in_channels=4),
+               schedule, "v", ["a", "b", "c"], training={"steps": 5, "note": "fuzz"},
+               sampling={"guidance": 2.0, "tuned": tuned}, latent=(spec, decoder))
     return paths
 
 
 def probe(model: torch.nn.Module) -> torch.Tensor:
-    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    c = model.config
+    x = torch.randn(2, c.in_channels, c.image_height, c.image_width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model(x, torch.tensor([0.0, 99.0]), torch.tensor([0, 3]))
 
 
-def model_mutants(data: bytes, rng: random.Random, n_random: int):
-    return chain(metadata_mutants(data, MODEL_JSON), tensor_mutants(data, rng), header_mutants(data),
-                 random_mutants(data, rng, n_random, MODEL_JSON))
+def probe_decoder(mf) -> torch.Tensor:
+    """A latent model's embedded decoder on two latents of the model's size."""
+    c = mf.config
+    z = torch.randn(2, c.in_channels, c.image_height, c.image_width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return mf.decoder(z)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_model_file_mutants(tmp_path, model_files, dtype):
+def model_mutants(data: bytes, rng: random.Random, n_random: int, json_keys: tuple[str, ...] = MODEL_JSON):
+    return chain(metadata_mutants(data, json_keys), tensor_mutants(data, rng), header_mutants(data),
+                 random_mutants(data, rng, n_random, json_keys))
+
+
+@pytest.fixture
+def shapes_once(monkeypatch):
+    """The autoencoder readers size their tensors with autoencoder.tensor_shapes, which builds the
+    model on the meta device (~8 ms for AE_CFG, on every read); here each config's shapes (a pure
+    function of the config) are built once, so that a mutant read two or three ways, with the valid
+    file's config, costs what the header check costs. A config first seen in a mutant is still built
+    within that mutant's time and memory bounds."""
+    real, cache = autoencoder_mod.tensor_shapes, {}
+
+    def cached(cfg: AutoencoderConfig, prefix: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+        key = (cfg, tuple(prefix))
+        if key not in cache:
+            cache[key] = real(cfg, prefix)
+        return dict(cache[key])
+
+    for module in (checkpoint, autoencoder_file, convert):
+        monkeypatch.setattr(module, "tensor_shapes", cached)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "latent"])
+def test_model_file_mutants(tmp_path, model_files, dtype, shapes_once):
+    """A latent model's file has its `autoencoder` metadata (config, scaling_factor, sha256, name) fuzzed
+    field by field, and its decoder tensors (autoencoder.decoder.*) among those mutated; the metadata a
+    pixel model reads the same way is left to the fp32 and fp16 files (model_config, image_size and
+    channels, which a latent model reads differently, are still removed and retyped)."""
     valid = model_files[dtype]
     data = valid.read_bytes()
+    json_keys = ("autoencoder",) if dtype == "latent" else MODEL_JSON
+    same = re.compile(r"metadata (format|format_version|diffcli_version|weights_dtype|schedule|prediction|class_names"
+                      r"|training|sampling) ")
     ref = load_model(valid)
     ref_out = probe(ref.model)
+    ref_decoded = probe_decoder(ref) if ref.decoder is not None else None
+    assert (ref.latent is not None) == (dtype == "latent")
     path = tmp_path / "mutant.safetensors"
     tally: Counter = Counter()
     t0 = time.perf_counter()
-    for m in model_mutants(data, random.Random(f"{SEED}-model-{dtype}"), count(100)):
+    for m in model_mutants(data, random.Random(f"{SEED}-model-{dtype}"), count(25 if dtype == "latent" else 100), json_keys):
+        if dtype == "latent" and same.match(m.what):
+            continue
         path.write_bytes(m.data)
         loaded = run_mutant(m, lambda: load_model(path))
         schedule = run_mutant(m, lambda: read_schedule(path))
@@ -142,11 +216,25 @@ def test_model_file_mutants(tmp_path, model_files, dtype):
         assert d.parameters == sum(p.numel() for p in mf.model.parameters()), m.what
         assert d.sampling_defaults["guidance"] == mf.sampling.get("guidance", 1.0), m.what
         out = probe(mf.model)
-        assert out.shape == (2, 6, 8, 8), m.what
+        c = mf.config
+        assert out.shape == (2, 2 * c.in_channels, c.image_height, c.image_width), m.what
         if not m.data_changed:
             assert mf.config == ref.config and torch.equal(out, ref_out), m.what
+        # a latent model: what info says of its autoencoder is what was loaded, and the embedded decoder
+        # (built from the metadata's config) turns latents into images of the size the file says
+        assert (d.autoencoder is None) == (mf.latent is None) == (mf.decoder is None), m.what
+        if mf.latent is not None:
+            lat = mf.latent
+            assert {k: d.autoencoder[k] for k in ("config", "scaling_factor", "sha256", "name")} == lat.to_dict(), m.what
+            assert d.autoencoder["decoder_parameters"] == sum(p.numel() for p in mf.decoder.parameters()), m.what
+            assert lat.config.latent_channels == c.in_channels and mf.decoder.scaling_factor == lat.scaling_factor, m.what
+            assert lat.image_size == (c.image_height * lat.config.factor, c.image_width * lat.config.factor), m.what
+            decoded = probe_decoder(mf)
+            assert decoded.shape == (2, lat.channels, *lat.image_size), m.what
+            if not m.data_changed and lat.config == ref.latent.config and lat.scaling_factor == ref.latent.scaling_factor:
+                assert torch.equal(decoded, ref_decoded), m.what
     report(f"model files ({dtype})", tally, time.perf_counter() - t0)
-    assert tally["refused"] > 300 and tally["loaded"] > 20  # both kinds of outcome really happen
+    assert tally["refused"] > 300 and tally["loaded"] > (10 if dtype == "latent" else 20)  # both outcomes really happen
 
 
 def refused_model_mutants(data: bytes, every: int, folder: Path) -> list[Mutant]:
@@ -362,6 +450,349 @@ def test_data_cache_mutants(tmp_path, one_step_run, monkeypatch):
             assert not logs, m.what
     report("data cache", tally, time.perf_counter() - t0)
     assert tally["rebuilt (logged)"] > 250
+
+
+# --------------------------------------------------------------------------------------------------
+# Latent diffusion: autoencoder files, the latent cache, autoencoder training state, imported autoencoders
+# --------------------------------------------------------------------------------------------------
+
+AE_JSON = ("autoencoder_config", "training", "source")
+AE_STATE_JSON = ("train_config",)
+
+
+def ae_probe(model: AutoencoderKL) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior mean, its reconstruction) of two 16x16 images."""
+    x = torch.rand(2, model.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        mean = model.encode(x).mean
+        return mean, model.decode(mean)
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ae_files(tmp_path_factory) -> dict[str, Path]:
+    """fp32 and fp16 autoencoder files of AE_CFG, with a scaling factor, a training summary and a source."""
+    folder = tmp_path_factory.mktemp("fuzz-autoencoders")
+    model = tiny_autoencoder()
+    paths = {}
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+        paths[name] = folder / f"ae-{name}.safetensors"
+        save_autoencoder(paths[name], model, AE_SCALE, training={"steps": 5, "psnr_holdout": 30.5, "final": True},
+                         source={"layout": "ldm", "name": "vae.safetensors"}, dtype=dtype)
+    return paths
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_autoencoder_file_mutants(tmp_path, ae_files, dtype, shapes_once):
+    """load_autoencoder (sample --decoder, train --autoencoder, reconstruct) and read_autoencoder_spec,
+    the header-only check `train --autoencoder` makes before any image is decoded: the same refusals
+    with the same messages, but for a file refused for its tensor data alone."""
+    valid = ae_files[dtype]
+    data = valid.read_bytes()
+    ref = load_autoencoder(valid)
+    ref_out = ae_probe(ref.model)
+    ref_state = ref.model.state_dict()
+    path = tmp_path / "mutant.safetensors"
+    tally: Counter = Counter()
+    t0 = time.perf_counter()
+    rng = random.Random(f"{SEED}-autoencoder-{dtype}")
+    json_keys = AE_JSON if dtype == "fp32" else ()  # the fields of the JSON metadata: once, in the fp32 file
+    for m in chain(metadata_mutants(data, json_keys), tensor_mutants(data, rng), header_mutants(data),
+                   random_mutants(data, rng, count(25 if dtype == "fp32" else 15), json_keys)):
+        path.write_bytes(m.data)
+        loaded = run_mutant(m, lambda: load_autoencoder(path))
+        spec = run_mutant(m, lambda: read_autoencoder_spec(path))
+        if spec.error is not None:
+            assert loaded.error is not None and str(spec.error) == str(loaded.error), (m.what, str(spec.error))
+        else:
+            assert loaded.error is None or re.search(r"holds NaN or infinite values|is truncated or corrupt",
+                                                     str(loaded.error)), (m.what, str(loaded.error))
+        if loaded.error is not None:
+            tally["refused"] += 1
+            continue
+        tally["loaded"] += 1
+        f, s = loaded.result, spec.result
+        # a correct result: what the header check read, a model of that config holding the file's
+        # weights (the valid file's, where its bytes are), and the metadata as the file has it
+        meta = split(m.data).meta
+        assert (f.config, f.scaling_factor, f.training, f.source) == (s.config, s.scaling_factor, s.training, s.source), m.what
+        assert f.scaling_factor is None or (math.isfinite(f.scaling_factor) and f.scaling_factor > 0), m.what
+        assert f.scaling_factor == json.loads(meta.get("scaling_factor", "null")), m.what
+        assert f.sha256 == hashlib.sha256(m.data).hexdigest() and f.path == str(path), m.what
+        assert f.model.config == f.config and not f.model.training, m.what
+        mean, rec = ae_probe(f.model)
+        assert mean.shape == (2, f.config.latent_channels, 8, 8) and rec.shape == (2, 3, 16, 16), m.what
+        if not m.data_changed:
+            assert same_weights(f.model.state_dict(), ref_state), m.what
+            if f.config == ref.config:
+                assert torch.equal(mean, ref_out[0]) and torch.equal(rec, ref_out[1]), m.what
+    report(f"autoencoder files ({dtype})", tally, time.perf_counter() - t0)
+    assert tally["refused"] > 150 and tally["loaded"] > 20
+
+
+def test_latent_cache_mutants(tmp_path, ae_files, monkeypatch):
+    """load_or_encode with write=False (what DDP's other ranks and a resumed run read): a mutated
+    latents.safetensors is refused, naming it (stale, does not fit, malformed), or read as exactly the
+    valid cache's latents with the scaling factor its metadata gives; never written, never re-encoded."""
+    ae = load_autoencoder(ae_files["fp32"])
+    pixels = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    digest = "cd" * 32
+    args = (ae, pixels, digest, True, "16", torch.device("cpu"))
+    valid = tmp_path / "valid" / "latents.safetensors"
+    valid.parent.mkdir()
+    made = load_or_encode(valid, *args, log=lambda _: None, write=True)
+    data = valid.read_bytes()
+    ref = load_or_encode(valid, *args, log=lambda _: None, write=False)
+    assert ref.mean.shape == (6, 4, 8, 8) and torch.equal(ref.mean, made.mean) and ref.scaling_factor == AE_SCALE
+    monkeypatch.setattr(latents_mod, "encode_pixels", lambda *a, **k: pytest.fail("encoded with write=False"))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    path = folder / "latents.safetensors"
+    rng = random.Random(f"{SEED}-latents")
+    tally: Counter = Counter()
+    t0 = time.perf_counter()
+    for m in chain(metadata_mutants(data, ()), tensor_mutants(data, rng), header_mutants(data),
+                   random_mutants(data, rng, count(60))):
+        path.write_bytes(m.data)
+        logs: list[str] = []
+        out = run_mutant(m, lambda logs=logs: load_or_encode(path, *args, log=logs.append, write=False))
+        assert [p.name for p in folder.iterdir()] == [path.name] and path.read_bytes() == m.data, m.what  # not written
+        if out.error is not None:
+            tally["refused"] += 1
+            assert str(path) in str(out.error) and not logs, (m.what, str(out.error))
+            continue
+        tally["read"] += 1
+        s = out.result
+        assert logs == [f"latents: 6 read from {path}"], (m.what, logs)
+        assert s.flipped and s.mean.dtype == s.logvar.dtype == torch.float16, m.what
+        assert s.mean.shape == s.logvar.shape == (6, 4, 8, 8), m.what
+        assert torch.isfinite(s.mean).all() and torch.isfinite(s.logvar).all(), m.what
+        assert math.isfinite(s.scaling_factor) and s.scaling_factor > 0, m.what
+        assert s.scaling_factor == float(split(m.data).meta["scaling_factor"]), m.what
+        if not m.data_changed:
+            assert torch.equal(s.mean, ref.mean) and torch.equal(s.logvar, ref.logvar), m.what
+    report("latent cache", tally, time.perf_counter() - t0)
+    assert tally["refused"] > 150 and tally["read"] > 5
+    path.unlink()  # none at all: only the process that writes it may encode
+    gone = run_mutant(Mutant("no cache", b""), lambda: load_or_encode(path, *args, log=print, write=False))
+    assert "is missing" in str(gone.error) and not any(folder.iterdir())
+
+
+@pytest.fixture
+def ae_run(tmp_path, toy_image_folder, monkeypatch) -> AETrainConfig:
+    """The options of a real 2-step `train-autoencoder` run on 6 16x16 images, of a preset registered for
+    the test: one level of width 4, no attention (a state file of 360 tensors and 50 kB, where AE_CFG's
+    has 620 and 700 kB; every mutant is read whole, so this halves the test's time); its checkpoint is
+    checkpoints/step_0000002.safetensors in cfg.out."""
+    monkeypatch.setitem(AE_PRESETS, "fuzz", {"block_out_channels": (4,), "layers_per_block": 1, "norm_num_groups": 2,
+                                             "mid_attention": False})
+    cfg = AETrainConfig(data_dir=str(toy_image_folder(per_class=2, size=16)), out=str(tmp_path / "ae-run"),
+                        preset="fuzz", resolution="16", steps=2, batch_size=2, warmup_steps=1, holdout=1,
+                        checkpoint_every=2, sample_every=0, device="cpu")
+    result = train_autoencoder(cfg, log=lambda _: None)
+    assert result.steps == 2
+    return cfg
+
+
+def test_autoencoder_training_state_mutants(tmp_path, ae_run):
+    """_resume (train-autoencoder --resume): InputError for a damaged file, UsageError for one trained with
+    other options, each one line naming it; or the modules loaded with what the file holds."""
+    valid = Path(ae_run.out) / "checkpoints" / "step_0000002.safetensors"
+    data = valid.read_bytes()
+    ref = checkpoint.read(valid, AE_STATE_FORMAT, "autoencoder training checkpoint")[0]
+    path = tmp_path / "mutant.safetensors"
+    cfg = AETrainConfig(**{**ae_run.to_dict(), "resume": str(path)})
+    model, ema, opt, disc, opt_d = _ae_modules(cfg, 3, torch.device("cpu"))
+    assert disc is None
+    params = dict(model.named_parameters())
+
+    def resume():
+        opt.state.clear()
+        try:
+            return _ae_resume(cfg, RunDir(cfg.out), model, ema, opt, disc, opt_d)
+        except UsageError as e:  # options that differ from the checkpoint's: exit code 2
+            return e
+
+    def negative(name: str) -> Mutant:  # a value AdamW cannot take a step from (sqrt of a negative moment)
+        p = split(data)
+        t = next(t for t in p.tensors if t[0] == name)
+        t[3] = struct.pack("<f", -1.0) + t[3][4:]
+        return Mutant(f"tensor {name} with a negative value", pack(p), True)
+
+    crafted = [negative("opt.exp_avg_sq.decoder.conv_in.weight"), negative("opt.step.encoder.conv_out.bias")]
+    rng = random.Random(f"{SEED}-ae-state")
+    tally: Counter = Counter()
+    t0 = time.perf_counter()
+    # 8 of train_config's 28 fields, picked by the seed (all of them with DIFFCLI_FUZZ): 15 are options a
+    # resumed run may change, not read by _resume, so most of their mutants are whole loads (the slow kind)
+    for m in chain(metadata_mutants(data, AE_STATE_JSON, max_fields=8), tensor_mutants(data, rng), header_mutants(data), crafted,
+                   random_mutants(data, rng, count(20), AE_STATE_JSON)):
+        path.write_bytes(m.data)
+        out = run_mutant(m, resume)
+        if out.error is not None:
+            tally["refused"] += 1
+            continue
+        if isinstance(out.result, UsageError):
+            tally["refused (other options)"] += 1
+            message = str(out.result)
+            assert message.startswith(f"cannot resume {path.name} with different options"), (m.what, message)
+            assert "\n" not in message and len(message) < 1000, (m.what, message[:200])
+            continue
+        tally["loaded"] += 1
+        meta = split(m.data).meta
+        where, step, seconds = out.result
+        assert where == path and step == int(meta["step"]) and seconds == float(meta.get("seconds", "0")), m.what
+        # what was loaded: the file's weights (the valid file's, where its bytes are), and optimizer state
+        # AdamW can take a step from: each moment finite, the second moments and the step counts >= 0
+        assert all(torch.isfinite(t).all() for t in chain(model.state_dict().values(), ema.state_dict().values())), m.what
+        for name, p in params.items():
+            st = opt.state.get(p)
+            if st:
+                assert set(st) == {"step", "exp_avg", "exp_avg_sq"}, (m.what, name)
+                assert st["exp_avg"].shape == st["exp_avg_sq"].shape == p.shape and st["step"].shape == (), (m.what, name)
+                assert bool((st["exp_avg_sq"] >= 0).all()) and float(st["step"]) >= 0, (m.what, name)
+        if not m.data_changed:
+            assert same_weights({f"model.{k}": v for k, v in model.state_dict().items()},
+                                {k: v for k, v in ref.items() if k.startswith("model.")}), m.what
+            assert same_weights({f"ema.{k}": v for k, v in ema.state_dict().items()},
+                                {k: v for k, v in ref.items() if k.startswith("ema.")}), m.what
+    report("autoencoder training state", tally, time.perf_counter() - t0)
+    assert tally["refused"] > 200 and tally["loaded"] > 20 and tally["refused (other options)"] > 0
+
+
+# Imported autoencoders (diffcli convert-autoencoder): safetensors from other projects, no diffcli metadata
+
+
+@pytest.fixture(scope="module")
+def foreign_autoencoder(tmp_path_factory) -> tuple[AutoencoderKL, Path, Path]:
+    """(the model, a latent-diffusion single file of it, a diffusers folder of it)."""
+    from test_convert import diffusers_config, ldm_state
+
+    folder = tmp_path_factory.mktemp("fuzz-foreign")
+    model = tiny_autoencoder(seed=1)
+    ldm = folder / "vae.safetensors"
+    save_file(ldm_state(model), ldm, metadata={"format": "pt"})
+    hub = folder / "vae"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps(diffusers_config(AE_CFG)))
+    save_file(model.state_dict(), hub / "diffusion_pytorch_model.safetensors")
+    return model, ldm, hub
+
+
+def check_import(m: Mutant, result, model: AutoencoderKL, weights: Path, layout: str) -> None:
+    """A correct import: a model of a config diffcli builds whose weights are the file's (the valid file's,
+    where its bytes are), the source recorded as the file is."""
+    imported, _, source = result
+    assert isinstance(imported.config, AutoencoderConfig) and not imported.training, m.what
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in imported.state_dict().values()), m.what
+    assert source["layout"] == layout and source["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest(), m.what
+    mean, rec = ae_probe(imported)
+    assert mean.shape == (2, imported.config.latent_channels, 8, 8) and rec.shape == (2, 3, 16, 16), m.what
+    if not m.data_changed:
+        assert same_weights(imported.state_dict(), model.state_dict()), m.what
+
+
+def test_imported_ldm_file_mutants(tmp_path, foreign_autoencoder, shapes_once):
+    """import_autoencoder on a latent-diffusion single file: its config comes from the tensors' shapes
+    (widths, levels, resnets, attention), so every shape and name is a field of the config too."""
+    model, valid, _ = foreign_autoencoder
+    data = valid.read_bytes()
+    path = tmp_path / "vae.safetensors"
+    rng = random.Random(f"{SEED}-import-ldm")
+    tally: Counter = Counter()
+    t0 = time.perf_counter()
+    for m in chain(metadata_mutants(data, ()), tensor_mutants(data, rng), header_mutants(data),
+                   random_mutants(data, rng, count(30))):
+        path.write_bytes(m.data)
+        out = run_mutant(m, lambda: import_autoencoder(path, norm_num_groups=4))
+        if out.error is not None:
+            tally["refused"] += 1
+            continue
+        tally["imported"] += 1
+        check_import(m, out.result, model, path, "ldm")
+        assert out.result[1] is None and out.result[2]["ignored_tensors"] == 0, m.what
+    report("imported latent-diffusion files", tally, time.perf_counter() - t0)
+    assert tally["refused"] > 150 and tally["imported"] > 10
+
+
+def diffusers_config_mutants(text: str, rng: random.Random, n_random: int):
+    """config.json: every field (and list item) set to each of VALUES, sizes no autoencoder has, files that
+    are no JSON object, and random edits of the JSON text."""
+    good = json.loads(text)
+    for path in leaf_paths(good):
+        for label, value in VALUES:
+            yield Mutant(f"config.json {''.join(f'[{k!r}]' for k in path)} {label}",
+                         json.dumps(set_path(good, path, value), allow_nan=True).encode())
+    n = len(good["block_out_channels"])
+    crafted = {
+        "widths 2**40": {"block_out_channels": [2**40] * n},
+        "widths 2**62, norm_num_groups 2**31": {"block_out_channels": [2**62] * n, "norm_num_groups": 2**31},
+        "8 levels": {"block_out_channels": [8] * 8, "down_block_types": ["DownEncoderBlock2D"] * 8,
+                     "up_block_types": ["UpDecoderBlock2D"] * 8},
+        "10**6 layers per block": {"layers_per_block": 10**6},
+        "2**40 latent channels": {"latent_channels": 2**40},
+        "the largest config diffcli builds (6 levels of 4096, 16 layers)": {
+            "block_out_channels": [4096] * 6, "layers_per_block": 16, "norm_num_groups": 1024, "latent_channels": 64,
+            "down_block_types": ["DownEncoderBlock2D"] * 6, "up_block_types": ["UpDecoderBlock2D"] * 6},
+        "another class": {"_class_name": "UNet2DConditionModel"},
+        "another block type": {"down_block_types": ["AttnDownEncoderBlock2D"] * n},
+        "one block type more": {"up_block_types": ["UpDecoderBlock2D"] * (n + 1)},
+    }
+    for what, change in crafted.items():
+        yield Mutant(f"config.json (refused) {what}", json.dumps(good | change).encode())
+    for what, content in [("empty", b""), ("not JSON", b"{not json"), ("a list", b"[1, 2]"), ("null", b"null"),
+                          ("nested 100000 deep", b"[" * 100_000 + b"]" * 100_000), ("bad UTF-8", b'{"a": "\xff"}'),
+                          ("a 5000-digit integer", b'{"layers_per_block": ' + b"9" * 5000 + b"}"),
+                          ("2 MiB", text.encode() + b" " * 2**21)]:
+        yield Mutant(f"config.json (refused) {what}", content)
+    yield Mutant("config.json in UTF-16 (JSON as Python reads it: the same config)", text.encode("utf-16"))
+    for i in range(n_random):
+        pos = rng.randrange(len(text))
+        edited = text[:pos] + rng.choice(JSON_TOKENS + ["", ",", "}", "{", '"']) + text[pos + rng.randint(0, 8):]
+        yield Mutant(f"config.json random edit {i} at {pos}", edited.encode())
+
+
+def test_imported_diffusers_folder_mutants(tmp_path, foreign_autoencoder, shapes_once):
+    """import_autoencoder on a diffusers folder: its weights file mutated as the other safetensors
+    readers', then its config.json. A config is checked before anything is sized from it: widths of
+    2**40 are refused by name, and the largest config diffcli builds is refused for its tensors within
+    the time and memory bounds."""
+    import shutil
+
+    model, _, valid = foreign_autoencoder
+    folder = tmp_path / "vae"
+    shutil.copytree(valid, folder)
+    config, weights = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+    data, text = weights.read_bytes(), config.read_text()
+    rng = random.Random(f"{SEED}-import-diffusers")
+    tally: Counter = Counter()
+    t0 = time.perf_counter()
+    weight_mutants = chain(tensor_mutants(data, rng), header_mutants(data), random_mutants(data, rng, count(15)))
+    for target, mutants in ((weights, weight_mutants), (config, diffusers_config_mutants(text, rng, count(25)))):
+        for m in mutants:
+            target.write_bytes(m.data)
+            out = run_mutant(m, lambda: import_autoencoder(folder), file_size=len(data) + len(m.data))
+            assert out.error is not None or "(refused)" not in m.what, m.what
+            if out.error is not None:
+                assert str(folder) in str(out.error), (m.what, str(out.error))
+                tally[f"{target.name} refused"] += 1
+                continue
+            tally[f"{target.name} imported"] += 1
+            check_import(m, out.result, model, weights, "diffusers")
+            try:
+                d = json.loads(m.data if target is config else text)
+            except ValueError:
+                raise AssertionError(f"{m.what}: imported from a config.json that is not JSON") from None
+            assert out.result[0].config.block_out_channels == tuple(d["block_out_channels"]), m.what
+            scale = d.get("scaling_factor")
+            assert out.result[1] == (None if scale is None else float(scale)), m.what
+        target.write_bytes(data if target is weights else text.encode())  # the valid one back
+    report("imported diffusers folders", tally, time.perf_counter() - t0)
+    assert tally["config.json refused"] > 150 and tally["config.json imported"] > 10
+    assert tally[f"{weights.name} refused"] > 150 and tally[f"{weights.name} imported"] > 5
 
 
 # --------------------------------------------------------------------------------------------------

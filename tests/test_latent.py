@@ -273,3 +273,37 @@ def test_a_model_file_whose_autoencoder_metadata_disagrees_is_refused(tmp_path, 
     r = runner.invoke(app, ["info", str(bad)])
     assert r.exit_code == 4
     _one_error_line(r, "autoencoder.decoder.conv_out.bias", "missing")
+
+
+@pytest.mark.slow
+def test_two_process_latent_ddp_matches_one_process(tmp_path, setup):
+    """Under torchrun, process 0 encodes the cache while the other waits at a barrier and reads it; both
+    draw their slice of the same global batch, so the run equals a one-process run."""
+    import subprocess
+    import sys
+
+    from test_training import assert_same_training, subprocess_env
+
+    data, ae_path = setup
+    common = ["train", str(data), "--autoencoder", str(ae_path), *TRAIN, "--steps", "3", "--flip", "--quiet",
+              "--batch-size", "6", "--class-dropout", "0.3"]
+    env = subprocess_env()
+    single = subprocess.run([sys.executable, "-m", "diffcli", *common, "--out", str(tmp_path / "single")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          "-m", "diffcli", *common, "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    from safetensors import safe_open
+
+    caches = []
+    for run in ("single", "ddp"):
+        with safe_open(tmp_path / run / "latents.safetensors", "pt") as f:
+            caches.append((f.metadata(), {k: f.get_tensor(k) for k in f.keys()}))
+    assert caches[0][0] == caches[1][0]  # the same images, autoencoder and scale
+    assert all(torch.equal(caches[0][1][k], caches[1][1][k]) for k in ("mean", "logvar"))
+    a = load_model(tmp_path / "single" / "model.safetensors")
+    b = load_model(tmp_path / "ddp" / "model.safetensors")
+    assert_same_training(a.model.state_dict(), b.model.state_dict())
+    assert a.latent == b.latent

@@ -34,6 +34,7 @@ from diffcli.errors import DiffcliError, InputError, Interrupted, OutputExistsEr
 from diffcli.training.batches import DataOrder, step_generator
 from diffcli.training.rundir import RunDir, trim_metrics
 from diffcli.training.loop import StopFlag
+from diffcli.validate import describe
 
 AE_STATE_FORMAT = "diffcli.autoencoder-state"
 
@@ -268,7 +269,10 @@ def _resume(cfg: AETrainConfig, run: RunDir, model, ema, opt, disc, opt_d) -> tu
         raise InputError(f"{path} has malformed 'train_config' metadata")
     diff = [k for k in AETrainConfig.IDENTITY if k in saved and saved[k] != getattr(cfg, k)]
     if diff:
-        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in diff[:4])
+        def short(v: Any) -> str:  # the file's value as a short line (a hostile one may be 100 kB long)
+            return repr(v) if len(repr(v)) <= 40 else describe(v)
+
+        shown = ", ".join(f"--{k.replace('_', '-')} {short(saved[k])} (now {getattr(cfg, k)!r})" for k in diff[:4])
         raise UsageError(f"cannot resume {path.name} with different options: it was trained with {shown}")
     expected = _expected_state(model, disc)
     found = {k: v for k, v in header.tensors.items()}
@@ -281,6 +285,14 @@ def _resume(cfg: AETrainConfig, run: RunDir, model, ema, opt, disc, opt_d) -> tu
     for k, info in found.items():
         if info.shape != expected[k][0] or info.dtype not in expected[k][1]:
             raise InputError(f"{path}: tensor {k} has shape {list(info.shape)}, this run needs {list(expected[k][0])}")
+    parts = ("exp_avg", "exp_avg_sq", "step")
+    for k in found:  # a parameter's optimizer state is all three of its tensors or none (_load_opt reads each)
+        prefix, _, rest = k.partition(".")
+        part, _, name = rest.partition(".")
+        if prefix in ("opt", "opt_d") and part in parts:
+            missing = next((f"{prefix}.{p}.{name}" for p in parts if f"{prefix}.{p}.{name}" not in found), None)
+            if missing:
+                raise InputError(f"{path}: tensors do not match this run (tensor {missing} is missing)")
     try:
         step = int(header.meta.get("step", ""))
         seconds = float(header.meta.get("seconds", "0"))
@@ -290,7 +302,8 @@ def _resume(cfg: AETrainConfig, run: RunDir, model, ema, opt, disc, opt_d) -> tu
         raise InputError(f"{path} has malformed 'step' or 'seconds' metadata") from None
     assert data is not None
     tensors = checkpoint.load_tensors(data, path)
-    checkpoint.check_finite(tensors, path)
+    # AdamW divides by sqrt(exp_avg_sq): a negative second moment (or step count) would make NaN weights
+    checkpoint.check_finite(tensors, path, nonnegative=("opt.exp_avg_sq.", "opt.step.", "opt_d.exp_avg_sq.", "opt_d.step."))
 
     def sub(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

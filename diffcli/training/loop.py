@@ -188,8 +188,9 @@ def _prepare_latents(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.devic
     ae = load_autoencoder(cfg.autoencoder, device)
     digest = _digest(data.pixels, data.labels)
     path = run.root / "latents.safetensors"
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(run.root, older_than=time.time())  # a cache a killed run was writing
+    if d.main:  # (only process 0 writes in the run folder: another's clean-up could remove its temporary file)
+        run.root.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temps(run.root, older_than=time.time())  # a cache a killed run was writing
     args = (ae, data.pixels, digest, cfg.flip, cfg.resolution, device, log, progress)
     latents = load_or_encode(path, *args, write=True) if d.main else None
     if d.active:
