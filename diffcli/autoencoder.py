@@ -306,7 +306,7 @@ class AutoencoderKL(nn.Module):
 
     def decoder_state(self) -> dict[str, torch.Tensor]:
         """The tensors decoding needs (decoder.* and post_quant_conv.*): what a latent model file embeds."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+        return {k: v for k, v in self.state_dict().items() if k.startswith(DECODER_PARTS)}
 
 
 def tensor_shapes(cfg: AutoencoderConfig, prefix: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:

@@ -480,14 +480,7 @@ def train(
             eval_every=eval_every, eval_real=str(eval_real) if eval_real else None, eval_images=eval_images,
             time_limit=time_limit, autoencoder=str(autoencoder) if autoencoder else None,
         )
-        if threads is not None:
-            if threads < 1:
-                from diffcli.errors import UsageError
-
-                raise UsageError(f"--threads must be >= 1, got {threads}")
-            import torch
-
-            torch.set_num_threads(threads)
+        _set_threads(threads)
         with Progress("training", quiet=quiet, log_every=log_every, json_command="train" if json_out else None) as bar:
             result = train_core(cfg, log=bar.log, progress=bar.update,
                                 decode_progress=lambda i, n: bar.update(i, n, task="decoding images"))

@@ -455,7 +455,7 @@ def swap_decoder(mf: ModelFile, path: str, device: torch.device) -> None:
                          f"{got.factor} to {got.out_channels} channels, the model makes {want.latent_channels}-channel "
                          f"latents at factor {want.factor} for {want.out_channels}-channel images")
     dec = LatentDecoder(got, mf.latent.scaling_factor)  # type: ignore[union-attr]
-    dec.load_state_dict({k: v for k, v in ae.model.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))})
+    dec.load_state_dict(ae.model.decoder_state())
     mf.decoder = dec.to(device).eval()
     mf.decoder_file = ae
 

@@ -198,7 +198,7 @@ def _prepare_latents(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.devic
     if latents is None:
         latents = load_or_encode(path, *args, write=False)
     decoder = LatentDecoder(ae.config, latents.scaling_factor)
-    decoder.load_state_dict({k: v for k, v in ae.model.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))})
+    decoder.load_state_dict(ae.model.decoder_state())
     decoder.to(device).eval().requires_grad_(False)
     H, W = data.pixels.shape[2:]
     spec = LatentSpec(ae.config, latents.scaling_factor, ae.sha256, Path(ae.path).name, (H, W), ae.config.out_channels)
