@@ -13,7 +13,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.diffcli-installed
 
-.PHONY: install test fuzz lint demo bench cpu-curve weights weights-latent clean
+.PHONY: install test fuzz lint demo latent-demo text-demo bench cpu-curve weights weights-latent weights-text text-bench clean
 
 install: $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 		echo "torch: no NVIDIA GPU, installing $(TORCH_CPU) (CPU)"; \
 		$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,clip]'
 	@touch $(STAMP)
 
 test: install
@@ -47,6 +47,16 @@ lint: install
 
 demo: install
 	$(VENV)/bin/diffcli sample --steps 50
+
+# Colour photos from the shipped latent CIFAR-10 model: four of each class, a grid per class row
+latent-demo: install
+	$(VENV)/bin/diffcli sample -c weights/diffcli-cifar10-latent.safetensors -n 40 --seed 0 --out samples-cifar10 \
+		--grid samples-cifar10-grid.png
+
+# Pictures from the shipped text-to-image model: a prompt it saw in training and one it never saw
+text-demo: install
+	$(VENV)/bin/diffcli sample -c weights/diffcli-shapes.safetensors --prompts weights/shapes-prompts.txt -n 4 \
+		--seed 0 --out samples-shapes --name '{prompt_index}-{prompt}-{seed}.png' --grid samples-shapes-grid.png
 
 # Speed against diffusers and the machine's matmul peak: a table, and benchmarks/results.json.
 # About 10-15 minutes on 2 CPU cores; BENCH_FLAGS=--quick for a smoke run. The `bench` extra

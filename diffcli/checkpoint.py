@@ -38,6 +38,7 @@ from diffcli.autoencoder import DECODER_PARTS, AutoencoderConfig, LatentDecoder,
 from diffcli.model import DiT, ModelConfig, state_dict_shapes
 from diffcli.diffusion.registry import Tuned, read_tuned
 from diffcli.diffusion.schedule import NoiseSchedule
+from diffcli.text import TextSpec
 from diffcli.validate import Invalid, check_names, check_record, check_scalars, describe, parse_json
 from diffcli.validate import field as spec
 
@@ -358,6 +359,7 @@ class ModelFile:
     latent: LatentSpec | None = None  # a latent model: the autoencoder it was trained with
     decoder: LatentDecoder | None = None  # ... and its embedded decoder (scaled latents -> pixels)
     decoder_file: Any = None  # sample --decoder: the autoencoder file whose decoder replaced the embedded one
+    text: TextSpec | None = None  # a text-to-image model: its vocabulary, or the CLIP folder it needs
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -383,6 +385,7 @@ def save_model(
     overwrite: bool = True,
     dtype: torch.dtype = torch.float32,
     latent: tuple[LatentSpec, LatentDecoder] | None = None,
+    text: TextSpec | None = None,
 ) -> None:
     """Write a model file. dtype=torch.float16 halves the file; loading casts back to float32. A latent
     model embeds its decoder (tensors autoencoder.decoder.*, autoencoder.post_quant_conv.*)."""
@@ -399,6 +402,8 @@ def save_model(
         "weights_dtype": str(dtype).removeprefix("torch."),
     }
     state = dict(model.state_dict())
+    if text is not None:
+        meta["text_encoder"] = text.to_dict()
     if latent is not None:
         meta["autoencoder"] = latent[0].to_dict()
         state |= {f"autoencoder.{k}": v for k, v in latent[1].state_dict().items()}
@@ -437,6 +442,18 @@ class ModelSpec:
     weights_dtype: str | None  # the safetensors dtype every weight has, or None when not recorded
     tuned: list[Tuned] = field(default_factory=list)  # sampling.tuned, parsed
     latent: LatentSpec | None = None  # the `autoencoder` metadata of a latent model
+    text: TextSpec | None = None  # the `text_encoder` metadata of a text-to-image model
+
+
+def _text_meta(meta: dict[str, str], cfg: ModelConfig, path: str | Path) -> TextSpec | None:
+    """A text model's `text_encoder` metadata (required), checked against its config; none for others."""
+    if not cfg.text:
+        if "text_encoder" in meta:
+            raise Invalid("text_encoder is set but the model config has no text encoder")
+        return None
+    if "text_encoder" not in meta:
+        raise Invalid("text_encoder is missing (the model config reads captions)")
+    return TextSpec.from_meta(meta_json(meta, "text_encoder", path), cfg)
 
 
 def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
@@ -454,6 +471,7 @@ def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
             raise Invalid("prediction 'epsilon' cannot be sampled with schedule.zero_terminal_snr (alpha_bar reaches 0)")
         names = check_names(load("class_names", []), "class_names", count=cfg.num_classes)
         latent = _latent_meta(load("autoencoder"), cfg) if "autoencoder" in meta else None
+        text = _text_meta(meta, cfg, path)
         if latent is None and cfg.in_channels not in (1, 3):
             raise Invalid(f"model_config.in_channels is {cfg.in_channels}: a pixel model has 1 or 3 channels "
                           f"(a latent model says what its autoencoder is)")
@@ -473,7 +491,7 @@ def _model_meta(meta: dict[str, str], path: str | Path) -> ModelSpec:
     except Invalid as e:
         raise InputError(f"{path} has invalid model metadata: {e}") from None
     return ModelSpec(cfg, schedule, prediction, names, training, sampling,
-                     _WEIGHT_DTYPES.get(weights) if weights else None, tuned, latent)
+                     _WEIGHT_DTYPES.get(weights) if weights else None, tuned, latent, text)
 
 
 def validate_model_file(header: Header, path: str | Path) -> ModelSpec:
@@ -548,6 +566,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelFil
         tuned=ms.tuned,
         latent=ms.latent,
         decoder=decoder,
+        text=ms.text,
     )
 
 
@@ -596,6 +615,7 @@ def _state_meta(meta: dict[str, str], path: str | Path) -> StateSpec:
             raise Invalid("train_config.prediction is missing")
         prediction = _PREDICTION.check(train["prediction"], "train_config")
         names = check_names(load("class_names", []), "class_names", count=cfg.num_classes)
+        _text_meta(meta, cfg, path)
         step = meta.get("step", "0")
         if not (step.isascii() and step.isdigit() and len(step) <= 13 and int(step) <= _MAX_STEP):
             raise Invalid(f"step must be an integer in [0, {_MAX_STEP}], found {describe(step)}")
@@ -637,7 +657,7 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, header.meta
 
 
-def check_state_fits(meta: dict[str, str], cfg: ModelConfig, path: str | Path) -> None:
+def check_state_fits(meta: dict[str, str], cfg: ModelConfig, path: str | Path, text: TextSpec | None = None) -> None:
     """The model a training state holds against the one the data and options give now (the data
     folder may have gained a class or changed channels since): InputError naming the first difference."""
     saved = ModelConfig.from_dict(meta_json(meta, "model_config", path))
@@ -646,3 +666,7 @@ def check_state_fits(meta: dict[str, str], cfg: ModelConfig, path: str | Path) -
         k, was, now = diff[0]
         raise InputError(f"cannot resume {path}: its model has {k} {was!r}, the data and options now give {now!r} "
                          f"(has the data folder changed?)")
+    if text is not None and meta_json(meta, "text_encoder", path) != text.to_dict():
+        what = "vocabulary" if text.kind == "builtin" else "CLIP text encoder"
+        raise InputError(f"cannot resume {path}: it was trained with another {what} than the captions and "
+                         f"--text-encoder give now (have the captions changed?)")

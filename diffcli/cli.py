@@ -260,13 +260,17 @@ def sample(
     spacing: Optional[str] = typer.Option(None, "--spacing", help="Timesteps of ddim/ddpm and of --sigmas none: trailing, leading or linspace.", show_default="trailing"),
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Step sizes for the ODE samplers: edm (Karras rho 7 from sigma 80), karras (over the model's whole sigma range), tuned (stored by diffcli tune for this sampler and step count), none (the --spacing timesteps); auto: tuned when the model has them, else edm.", show_default="auto"),
     guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Guide only at noise levels LO < sigma <= HI (e.g. 0.3,5), a plain conditional step elsewhere; auto: the interval diffcli tune stored with the tuned sigmas in use; none: every step.", show_default="auto"),
-    num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="Images to make. Default: one per class (16 for an unconditional model)."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="Images to make. Default: one per class (16 for an unconditional model); a text model: per prompt, 4 for --prompt, 1 per line of --prompts."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward batch."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; image i gets seed+i. Random (and printed) when omitted."),
     classes: List[str] = typer.Option([], "--class", help="Class index or name; repeatable; 'all' cycles through the classes."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="A text-to-image model: what to draw (\"\" samples without a caption)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A text-to-image model: a file of prompts, one a line; -n images each."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="A text-to-image model: guide away from this (it replaces the null caption in classifier-free guidance)."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="A model trained with a CLIP text encoder: that encoder's folder."),
     guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Classifier-free guidance scale (1 = off). Default: the model file's."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder: it receives the images and nothing else."),
-    name: Optional[str] = typer.Option(None, "--name", help="File name template; fields {seed} {index} {class} {steps} {sampler}, and {stem} (the input's name) with --init-image.", show_default="{seed}-{index:04d}.png; {stem}-{seed}.png with --init-image"),
+    name: Optional[str] = typer.Option(None, "--name", help="File name template; fields {seed} {index} {class} {steps} {sampler}, {prompt} and {prompt_index} for a text model, and {stem} (the input's name) with --init-image.", show_default="{seed}-{index:04d}.png; {stem}-{seed}.png with --init-image"),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid PNG of all images here. Interactive runs without -n get one beside --out (OUT-grid-SEED.png)."),
     no_grid: bool = typer.Option(False, "--no-grid", help="No grid, not even the interactive one."),
     from_png: Optional[Path] = typer.Option(None, "--from-png", help="Render again the image a diffcli PNG records (seed, class, sampler, steps, ...); options given beside it override."),
@@ -299,13 +303,15 @@ def sample(
         "guidance_interval": guidance_interval,
         "init_image": str(init_image) if init_image is not None else None, "strength": strength,
         "mask": str(mask) if mask is not None else None, "resample": resample, "mask_blur": mask_blur,
+        "prompt": prompt, "prompts_file": str(prompts_file) if prompts_file is not None else None,
+        "negative_prompt": negative_prompt,
     }
     given = {k for k, v in chosen.items() if v is not None}
     opts = generate.SampleOptions(
         checkpoint=str(checkpoint) if checkpoint else None, batch_size=batch_size, out=str(out), name=name,
         grid=str(grid) if grid else None, overwrite=overwrite, skip_existing=skip_existing,
         metadata=not no_metadata, device=device, threads=threads, force=force,
-        decoder=str(decoder) if decoder else None,
+        decoder=str(decoder) if decoder else None, text_encoder=str(text_encoder) if text_encoder else None,
         grid_beside_out=grid is None and not no_grid and num_images is None and from_png is None and sys.stderr.isatty(),
         **{k: chosen[k] for k in given},
     )
@@ -449,6 +455,11 @@ def train(
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Preview grid every N steps and at the end (0: never).", show_default="1000; quick: 500"),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes of training (a resumed run counts its earlier minutes), with a checkpoint and the model file, even before --steps."),
     autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="Train a latent model: encode every image once with this autoencoder file (train-autoencoder or convert-autoencoder) and denoise its latents."),
+    text_encoder: str = typer.Option("auto", "--text-encoder", help="Captions (a .txt beside each image, or metadata.jsonl) make a text-to-image model: auto (builtin when the folder has captions), builtin (trained with the model, stored in its file), a CLIP text encoder folder (frozen; needs diffcli[clip]), or none (ignore captions)."),
+    caption_column: str = typer.Option("text", "--caption-column", help="The metadata.jsonl column that holds the captions."),
+    caption_dropout: float = typer.Option(0.1, "--caption-dropout", help="Captions replaced by the null caption, for classifier-free guidance."),
+    caption_tokens: int = typer.Option(32, "--caption-tokens", help="Builtin text encoder: words read per caption (the longest caption's, at most this)."),
+    text_depth: int = typer.Option(2, "--text-depth", help="Builtin text encoder: transformer layers."),
     metrics_every: int = typer.Option(50, "--metrics-every", help="Steps per metrics.jsonl record."),
     log_every: float = typer.Option(30.0, "--log-every", help="Seconds between progress lines when stderr is not a terminal."),
     resume: str = typer.Option("auto", "--resume", help="auto (newest checkpoint in --out), never, or a checkpoint path."),
@@ -479,6 +490,8 @@ def train(
             resume=resume, tensorboard=tensorboard, save_dtype=save_dtype,
             eval_every=eval_every, eval_real=str(eval_real) if eval_real else None, eval_images=eval_images,
             time_limit=time_limit, autoencoder=str(autoencoder) if autoencoder else None,
+            text_encoder=text_encoder, caption_column=caption_column, caption_dropout=caption_dropout,
+            caption_tokens=caption_tokens, text_depth=text_depth,
         )
         _set_threads(threads)
         with Progress("training", quiet=quiet, log_every=log_every, json_command="train" if json_out else None) as bar:

@@ -1,13 +1,16 @@
-"""Image folder -> cached uint8 tensor + labels + class names.
+"""Image folder -> cached uint8 tensor + labels + class names (+ captions, when asked for).
 
 Folder convention (torchvision's ImageFolder): if DATA_DIR has subfolders holding images, each
 subfolder (sorted by name) is a class; otherwise the folder is one unconditional set. Images are
 found recursively; hidden files and folders are skipped; extensions are matched case-insensitively.
+Captions come from DATA_DIR/metadata.jsonl or sidecar .txt files (captions.py); they are kept in the
+cache with the pixels, and a changed caption source rebuilds the cache like a changed image.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import Callable
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from diffcli.captions import caption_sources, is_caption, read_captions
 from diffcli.errors import InputError, UsageError
 from diffcli.validate import Invalid, check_names, describe
 
@@ -28,13 +32,15 @@ CACHE_FORMAT = "diffcli.datacache"
 
 @dataclass
 class ImageSet:
-    """Decoded images in memory: pixels (N, C, H', W') uint8 and labels (N,) int64."""
+    """Decoded images in memory: pixels (N, C, H', W') uint8 and labels (N,) int64; captions, when
+    they were asked for, one per image (None for an image without one)."""
 
     pixels: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
     files: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    captions: list[str | None] | None = None
 
     @property
     def conditional(self) -> bool:
@@ -42,13 +48,16 @@ class ImageSet:
 
     def summary(self) -> dict:
         counts = torch.bincount(self.labels, minlength=max(1, len(self.class_names))).tolist()
-        return {
+        out = {
             "images": len(self.files),
             "channels": int(self.pixels.shape[1]),
             "classes": self.class_names,
             "class_counts": counts if self.class_names else [],
             "skipped": len(self.skipped),
         }
+        if self.captions is not None:
+            out["captioned"] = sum(c is not None for c in self.captions)
+        return out
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -164,9 +173,12 @@ def load_folder(
     progress: Callable[[int, int], None] | None = None,
     cache_path: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    caption_column: str | None = None,
 ) -> ImageSet:
     """Find, decode, resize and cache every image. InputError (exit 4) when nothing usable is found.
-    A cache that fails its checks is rebuilt, with a line to `log` saying why."""
+    A cache that fails its checks is rebuilt, with a line to `log` saying why. caption_column: read
+    captions too (metadata.jsonl's column of that name, or sidecar .txt files); a bad caption is an
+    InputError before anything is decoded."""
     if channels not in ("auto", "1", "3"):
         raise UsageError(f"--channels must be auto, 1 or 3, got {channels!r}")
     if crop not in ("center", "random"):
@@ -176,12 +188,17 @@ def load_folder(
     files, labels, names = find_images(root, unconditional)
     if not files:
         raise InputError(f"no images found in {root} (looked for {', '.join(sorted(EXTENSIONS))})")
-    key = fingerprint(files, labels, f"{H}x{W}|{channels}|{margin}|{names}")
+    settings = f"{H}x{W}|{channels}|{margin}|{names}"
+    if caption_column is not None:  # without captions the key, and so every existing cache, stays as it was
+        settings += f"|captions={json.dumps(caption_column)}|{caption_sources(Path(root), files)}"
+    key = fingerprint(files, labels, settings)
     if cache_path is not None:
-        expect = _CacheExpect(key, files, labels, names, (round(H * margin), round(W * margin)), channels)
+        expect = _CacheExpect(key, files, labels, names, (round(H * margin), round(W * margin)), channels,
+                              caption_column is not None)
         cached = _read_cache(cache_path, expect, log or (lambda message: None))
         if cached is not None:
             return cached
+    captions = read_captions(Path(root), files, caption_column) if caption_column is not None else None
     workers = workers or min(8, os.cpu_count() or 1)
     results: list[torch.Tensor | None] = [None] * len(files)
     skipped: list[tuple[str, str]] = []
@@ -212,6 +229,7 @@ def load_folder(
         class_names=names,
         files=[str(files[i]) for i in keep],
         skipped=skipped,
+        captions=[captions[i] for i in keep] if captions is not None else None,
     )
     if names:
         empty = [n for n, c in zip(names, out.summary()["class_counts"]) if c == 0]
@@ -226,16 +244,21 @@ def _write_cache(path: str | Path, key: str, s: ImageSet) -> None:
     from diffcli import checkpoint
 
     meta = {"key": key, "class_names": s.class_names, "files": s.files, "skipped": s.skipped,
-            "sha256": _digest(s.pixels, s.labels)}
+            "sha256": _digest(s.pixels, s.labels, s.captions)}
+    if s.captions is not None:
+        meta["captions"] = s.captions
     checkpoint.write(path, {"pixels": s.pixels, "labels": s.labels}, meta, CACHE_FORMAT)
 
 
-def _digest(pixels: torch.Tensor, labels: torch.Tensor) -> str:
-    """SHA-256 of the cached pixels and labels: damage to the data itself is found like damage to the
-    metadata (pixel values have no range to check)."""
+def _digest(pixels: torch.Tensor, labels: torch.Tensor, captions: list[str | None] | None = None) -> str:
+    """SHA-256 of the cached pixels, labels and captions: damage to the data itself is found like damage
+    to the metadata (pixel values have no range to check, and an edited caption is still a caption).
+    Without captions it is the digest of pixels and labels alone, as caches written before captions."""
     h = hashlib.sha256()
     for t in (pixels, labels):
         h.update(bytes(t.contiguous().clone().untyped_storage()))
+    if captions is not None:
+        h.update(json.dumps(captions).encode())
     return h.hexdigest()
 
 
@@ -249,6 +272,7 @@ class _CacheExpect:
     class_names: list[str]
     size: tuple[int, int]  # (h, w) of the cached images
     channels: str
+    captions: bool  # whether the cache must hold captions
 
 
 def _read_cache(path: str | Path, expect: _CacheExpect, log: Callable[[str], None]) -> ImageSet | None:
@@ -272,7 +296,8 @@ class _Stale(Exception):
 
 def _checked_cache(path: str | Path, expect: _CacheExpect) -> ImageSet:
     """The cache's header, metadata and tensors against what this folder gives: the file list (those
-    cached and those skipped, in order), the class names, every label, the image size and channels."""
+    cached and those skipped, in order), the class names, every label, the image size and channels,
+    and the captions when asked for (one per cached image, each None or a caption as captions.py reads)."""
     from diffcli import checkpoint
 
     header, data = checkpoint.read_header(path, CACHE_FORMAT, "data cache")
@@ -295,6 +320,13 @@ def _checked_cache(path: str | Path, expect: _CacheExpect) -> ImageSet:
     kept = [f for f in found if f not in gone]
     if files != kept or not kept:
         raise Invalid(f"files lists {describe(files)}, the folder gives {describe(kept)} readable files")
+    captions = None
+    if expect.captions:
+        captions = checkpoint.meta_json(meta, "captions", path)
+        if not isinstance(captions, list) or len(captions) != len(kept) or not all(
+            c is None or is_caption(c) for c in captions
+        ):
+            raise Invalid(f"captions must be a list of {len(kept)} captions or nulls, found {describe(captions)}")
     label_of = dict(zip(found, expect.labels))
     labels = [label_of[f] for f in kept]
     if expect.class_names and len(set(labels)) != len(expect.class_names):
@@ -312,7 +344,8 @@ def _checked_cache(path: str | Path, expect: _CacheExpect) -> ImageSet:
     tensors = checkpoint.load_tensors(data, path)
     if tensors["labels"].tolist() != labels:
         raise Invalid("labels differ from the folder's class folders")
-    if meta.get("sha256") != _digest(tensors["pixels"], tensors["labels"]):
-        raise Invalid("the pixels or labels do not match their recorded SHA-256")
+    if meta.get("sha256") != _digest(tensors["pixels"], tensors["labels"], captions):
+        what = "the pixels, labels or captions" if expect.captions else "the pixels or labels"
+        raise Invalid(f"{what} do not match their recorded SHA-256")
     return ImageSet(pixels=tensors["pixels"], labels=tensors["labels"], class_names=names, files=kept,
-                    skipped=[(f, why) for f, why in skipped])
+                    skipped=[(f, why) for f, why in skipped], captions=captions)

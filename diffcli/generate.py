@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from diffcli import __version__, edit
+from diffcli import __version__, edit, prompts
+from diffcli.prompts import MAX_PROMPT_CHARS
 from diffcli.checkpoint import ModelFile, load_model
 from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
 from diffcli.errors import InputError, OutputExistsError, UsageError
@@ -23,7 +24,7 @@ from diffcli.diffusion.registry import sample
 
 DEFAULT_NAME = "{seed}-{index:04d}.png"
 DEFAULT_EDIT_NAME = "{stem}-{seed}.png"  # --init-image: named after the input image
-NAME_FIELDS = {"seed", "index", "class", "steps", "sampler", "stem"}
+NAME_FIELDS = {"seed", "index", "class", "steps", "sampler", "stem", "prompt", "prompt_index"}
 DEFAULT_WEIGHTS = "diffcli-mnist.safetensors"
 MAX_IMAGES = 100_000  # per run; every name is planned up front, so a typo like -n 10000000000 fails fast
 
@@ -82,6 +83,11 @@ class SampleOptions:
     expect_init_sha256: str | None = None  # --from-png: the recorded hashes of the files it was made from
     expect_mask_sha256: str | None = None
     decoder: str | None = None  # a latent model: decode with this autoencoder file's decoder instead of the embedded one
+    # a text-to-image model: --prompt, or --prompts FILE (one a line, num_images each), and CFG's negative prompt
+    prompt: str | None = None
+    prompts_file: str | None = None
+    negative_prompt: str | None = None
+    text_encoder: str | None = None  # a CLIP text model: the folder of its frozen text encoder
 
 
 def resolve_classes(tokens: list[str], mf: ModelFile, n: int, editing: bool = False) -> list[int | None]:
@@ -187,6 +193,8 @@ def _recorded_fields() -> tuple:
         field("mask_sha256", str, max_len=64, default=None),
         field("resample", int, min=1, max=edit.MAX_RESAMPLE, default=None),
         field("mask_blur", float, min=0, max=edit.MAX_MASK_BLUR, default=None),
+        field("prompt", str, max_len=MAX_PROMPT_CHARS, default=None),
+        field("negative_prompt", str, max_len=MAX_PROMPT_CHARS, default=None),
     )
 
 
@@ -254,6 +262,10 @@ def apply_recorded(opts: SampleOptions, rec: dict[str, Any], given: set[str], pn
     }
     if rec["class"] is not None:
         values["classes"] = [rec["class"]]
+    if rec["prompt"] is not None and "prompts_file" not in given:
+        values["prompt"] = rec["prompt"]
+    if rec["negative_prompt"] is not None:
+        values["negative_prompt"] = rec["negative_prompt"]
     if rec["sigmas"] is None:
         values["spacing"] = rec["spacing"] or registry.DEFAULT_SPACING
     values["guidance_interval"] = rec["guidance_interval"] or "none"  # as made: no interval unless recorded
@@ -306,6 +318,7 @@ class Plan:
     strength: float | None = None
     span: int | None = None  # with edits: the timesteps [0, span) the steps are spread over
     interval: tuple[float, float] | None = None  # guidance only at lo < sigma <= hi
+    prompts: prompts.Prompts | None = None  # a text-to-image model: each image's prompt
 
 
 def _check_edit_options(opts: SampleOptions) -> float | None:
@@ -379,6 +392,10 @@ def plan(opts: SampleOptions) -> Plan:
             swap_decoder(mf, opts.decoder, device)
     if opts.steps > mf.schedule.num_timesteps:
         raise UsageError(f"--steps must be at most the model's {mf.schedule.num_timesteps} timesteps")
+    prompts.check_prompt_options(opts, mf, ckpt)
+    if "{prompt" in template and not mf.config.text:
+        raise UsageError("--name fields {prompt} and {prompt_index} need a text-to-image model")
+    prompts.load_text_encoder(mf, opts.text_encoder, ckpt)
     opts.sigmas = registry.resolve_sigmas(opts.sampler, opts.sigmas, opts.steps, mf.tuned, editing)
     opts.spacing = registry.resolve_spacing(opts.sigmas, opts.spacing)
     gi = registry.resolve_interval(interval, mf.schedule, opts.sampler, opts.steps, opts.sigmas, mf.tuned)
@@ -399,13 +416,20 @@ def plan(opts: SampleOptions) -> Plan:
     else:
         n = opts.num_images or (1 if editing else (len(mf.class_names) or 16))
         inputs = [0] * n if editing else []
+    wanted = None
+    if mf.config.text:  # the images per prompt: -n each (n images in all for an edit)
+        wanted = prompts.resolve(opts, mf, n if editing else opts.num_images, editing)
+        n = len(wanted.of_image)
+        if n > MAX_IMAGES:
+            raise UsageError(f"{len(wanted.texts)} prompts x {n // len(wanted.texts)} images is more than the "
+                             f"{MAX_IMAGES} one job makes; split the prompts file")
     classes = resolve_classes(opts.classes, mf, n, editing)
     base = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
     seeds = [base + i for i in range(n)]  # image i's own seed: `--seed s+i -n 1` reproduces it alone
     guidance = opts.guidance if opts.guidance is not None else float(mf.sampling.get("guidance", 1.0))
-    if not mf.class_names:
+    if not mf.class_names and not mf.config.text:
         guidance = 1.0 if opts.guidance is None else guidance
-    elif editing and all(c is None for c in classes):  # an unconditional edit: nothing to guide towards
+    elif editing and not mf.config.text and all(c is None for c in classes):  # an unconditional edit: nothing to guide towards
         if opts.guidance not in (None, 1.0):
             raise UsageError("--guidance needs --class: an edit without --class is unconditional")
         guidance = 1.0
@@ -414,8 +438,11 @@ def plan(opts: SampleOptions) -> Plan:
     for i, (s, c) in enumerate(zip(seeds, classes)):
         cname = mf.class_names[c] if c is not None else "uncond"
         stem = edits.inits[inputs[i]].stem if edits is not None else ""
+        k = wanted.of_image[i] if wanted is not None else 0
+        text = prompts.name_part(wanted.texts[k]) if wanted is not None else ""
         paths.append(render_name(template, out, {"seed": s, "index": i, "class": cname, "steps": opts.steps,
-                                                 "sampler": opts.sampler, "stem": stem}))
+                                                 "sampler": opts.sampler, "stem": stem, "prompt": text,
+                                                 "prompt_index": k}))
     if len(set(paths)) != len(paths):
         raise UsageError(f"--name {template!r} gives the same file name to several images; add {{index}} or {{seed}}")
     grid = None
@@ -435,11 +462,12 @@ def plan(opts: SampleOptions) -> Plan:
         if existing and not opts.skip_existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise OutputExistsError(f"{existing[0]} exists{more}; pass --overwrite or --skip-existing")
-    if gi is not None and (guidance == 1.0 or not mf.class_names):
+    if gi is not None and (guidance == 1.0 or not (mf.class_names or mf.config.text)):
         if interval != "auto":
-            raise UsageError("--guidance-interval needs guidance: a class-conditional model and --guidance other than 1")
+            raise UsageError("--guidance-interval needs guidance: a conditional model and --guidance other than 1")
         gi = None
-    return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype, edits, inputs, strength, span, gi)
+    return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype, edits, inputs, strength, span, gi,
+                wanted)
 
 
 def swap_decoder(mf: ModelFile, path: str, device: torch.device) -> None:
@@ -485,6 +513,15 @@ def edit_parameters(opts: SampleOptions, p: Plan, i: int) -> dict[str, Any]:
     return params
 
 
+def prompt_parameters(p: Plan, i: int) -> dict[str, Any]:
+    """A text model's image records its prompt, its index in the job, and the negative prompt (PNG and --json)."""
+    if p.prompts is None:
+        return {}
+    k = p.prompts.of_image[i]
+    return {"prompt": p.prompts.texts[k], "prompt_index": k,
+            **({"negative_prompt": p.prompts.negative} if p.prompts.negative else {})}
+
+
 def run(
     opts: SampleOptions,
     progress: Callable[..., None] | None = None,
@@ -517,7 +554,12 @@ def run(
                 + (f"{ae.path} ({ae.hash})" if ae else f"the embedded decoder of {mf.latent.name}")
                 + f" to {mf.image_shape[2]}x{mf.image_shape[1]}")
     denoiser = autocast_denoiser(mf.model, p.device, p.dtype)
-    null = mf.model.null_class if cfg.num_classes else None
+    null: Any = mf.model.null_class if cfg.num_classes else None
+    if p.prompts is not None:
+        null = p.prompts.null  # the null caption's token row, or the negative prompt's
+        if log:
+            for w in p.prompts.warnings:
+                log(f"warning: {w}")
     todo = [i for i in range(len(p.seeds)) if not (opts.skip_existing and p.paths[i].exists())]
     total_steps = len(todo) * opts.steps
     done_steps = 0
@@ -558,7 +600,9 @@ def run(
         for start in range(0, len(todo), opts.batch_size):
             idx = todo[start : start + opts.batch_size]
             labels = None
-            if null is not None:
+            if p.prompts is not None:
+                labels = p.prompts.labels(idx)
+            elif null is not None:
                 labels = torch.tensor([null if p.classes[i] is None else p.classes[i] for i in idx], dtype=torch.long)
             begin = constraint = init = weight = None  # an edit: where the run begins, what each step keeps
             if p.edits is not None:
@@ -589,7 +633,7 @@ def run(
             for j, i in enumerate(idx):
                 c = p.classes[i]
                 params = {**common, "seed": p.seeds[i], "class": mf.class_names[c] if c is not None else None,
-                          "nfe": res.nfe, **edit_parameters(opts, p, i)}
+                          "nfe": res.nfe, **edit_parameters(opts, p, i), **prompt_parameters(p, i)}
                 text = generation_text(params) if opts.metadata else None
                 try:
                     save_png(p.paths[i], to_pil(imgs[j]), text, overwrite=opts.overwrite)
@@ -627,6 +671,8 @@ def write_grid(p: Plan, pixels: dict[int, torch.Tensor], opts: SampleOptions) ->
         except Exception:
             cells.append(torch.zeros(H, W, C, dtype=torch.uint8))
     order, cols = grid_layout(p.classes, cfg.num_classes)
+    if p.prompts is not None and len(p.prompts.texts) > 1 and len(p.prompts.of_image) > len(p.prompts.texts):
+        cols = len(p.prompts.of_image) // len(p.prompts.texts)  # a row per prompt
     blank = torch.zeros_like(cells[0])
     grid = make_grid(torch.stack([cells[i] if i is not None else blank for i in order]), ncols=cols)
     img = to_pil(grid)

@@ -64,7 +64,8 @@ def save_png(path: str | Path, img: Image.Image, text: dict[str, str] | None = N
 
 
 def parameters_text(p: dict[str, Any]) -> str:
-    """The widely used one-line form: 'Steps: 50, Sampler: ddim, CFG scale: 2.0, Seed: 7, Size: 28x28, ...'."""
+    """The widely used one-line form: 'Steps: 50, Sampler: ddim, CFG scale: 2.0, Seed: 7, Size: 28x28, ...';
+    for a text model, A1111's three lines: the prompt, 'Negative prompt: ...' (when given), the settings."""
     parts = [
         ("Steps", p.get("steps")),
         ("Sampler", p.get("sampler")),
@@ -82,7 +83,12 @@ def parameters_text(p: dict[str, Any]) -> str:
         ("Mask blur", p.get("mask_blur") or None),
         ("Version", f"diffcli {p['diffcli_version']}" if "diffcli_version" in p else None),
     ]
-    return ", ".join(f"{k}: {v}" for k, v in parts if v is not None)
+    line = ", ".join(f"{k}: {v}" for k, v in parts if v is not None)
+    if p.get("prompt") is None:
+        return line
+    # a text-to-image image: A1111's layout, the prompt first, then the negative prompt, then the settings
+    negative = p.get("negative_prompt")
+    return p["prompt"] + "\n" + (f"Negative prompt: {negative}\n" if negative else "") + line
 
 
 def generation_text(params: dict[str, Any]) -> dict[str, str]:

@@ -55,11 +55,13 @@ class Info:
     tuned: list[dict[str, Any]] = field(default_factory=list)  # sampling.tuned entries (diffcli tune), checked
     training: dict[str, Any] = field(default_factory=dict)
     autoencoder: dict[str, Any] | None = None  # a latent model: the embedded decoder's autoencoder (name, sha256, ...)
+    text_encoder: dict[str, Any] | None = None  # a text model: kind, tokens, and its vocabulary size or CLIP folder
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["autoencoder"] is None:  # a pixel model: no key at all
-            del d["autoencoder"]
+        for k in ("autoencoder", "text_encoder"):
+            if d[k] is None:  # another kind of model: no key at all
+                del d[k]
         return d
 
     def to_json(self) -> str:
@@ -96,7 +98,7 @@ def preset_of(cfg: ModelConfig, stored: Any = None) -> str:
 
 def model_kind(cfg: ModelConfig, meta: dict[str, str]) -> str:
     """What a model makes images from. The one place to recognise a new kind (latent, text)."""
-    kind = "class-conditional" if cfg.num_classes else "unconditional"
+    kind = "text-to-image" if cfg.text else "class-conditional" if cfg.num_classes else "unconditional"
     return f"latent {kind}" if "autoencoder" in meta else kind
 
 
@@ -135,8 +137,8 @@ def sampling_defaults(cfg: ModelConfig, sampling: dict[str, Any], tuned: list[An
         "sigmas": sigmas,
         "spacing": None if sigmas else registry.DEFAULT_SPACING,  # the timesteps visited when no sigma schedule
         "guidance_interval": list(entry.guidance_interval) if entry and entry.guidance_interval else None,
-        "guidance": float(sampling.get("guidance", 1.0)) if cfg.num_classes else 1.0,  # unconditional: nothing to guide
-        "num_images": cfg.num_classes or 16,
+        "guidance": float(sampling.get("guidance", 1.0)) if cfg.num_classes or cfg.text else 1.0,  # unconditional: nothing to guide
+        "num_images": 4 if cfg.text else cfg.num_classes or 16,  # a text model: per --prompt
     }
 
 
@@ -160,8 +162,17 @@ def _model_file(path: Path, header: Header) -> dict[str, Any]:
         image_size=list(lat.image_size) if lat else [cfg.image_height, cfg.image_width],
         channels=lat.channels if lat else cfg.in_channels, classes=ms.class_names, autoencoder=ae, model_config=cfg.to_dict(), schedule=ms.schedule.to_dict(),
         prediction=ms.prediction, sampling_defaults=sampling_defaults(cfg, ms.sampling, ms.tuned),
-        tuned=[t.to_dict() for t in ms.tuned], training=ms.training,
+        tuned=[t.to_dict() for t in ms.tuned], training=ms.training, text_encoder=_text_info(cfg, ms.text),
     )
+
+
+def _text_info(cfg: ModelConfig, text: Any) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    out: dict[str, Any] = {"kind": text.kind, "tokens": cfg.text_length, "width": cfg.context_dim}
+    if text.kind == "builtin":
+        return out | {"words": text.vocabulary.size - 1, "layers": cfg.text_depth}
+    return out | {"folder": text.folder, "sha256": text.sha256}
 
 
 def _training_state(path: Path, header: Header) -> dict[str, Any]:
@@ -262,7 +273,7 @@ def rows(info: Info) -> list[tuple[str, list[tuple[str, str]]]]:
             ("preset", f"{info.preset} ({arch})"),
             ("parameters", f"{_count(info.parameters)}, {info.weights_dtype} weights"),
             ("resolution", f"{H}x{W}, {info.channels} channel{'s' if info.channels > 1 else ''}"),
-            ("classes", _classes_text(info.classes)),
+            ("classes", "none (captions are the condition)" if info.text_encoder else _classes_text(info.classes)),
         ]),
         ("Diffusion", [("schedule", sched), ("prediction", info.prediction)]),
     ]
@@ -274,13 +285,18 @@ def rows(info: Info) -> list[tuple[str, list[tuple[str, str]]]]:
             ("latent", f"{c}x{h}x{w}, scaled by {a['scaling_factor']:.5g}"),
             ("decoder", f"embedded, {_count(a['decoder_parameters'])}"),
         ]))
+    if info.text_encoder:
+        t = info.text_encoder
+        what = (f"builtin, {t['layers']} layers, {t['words']:,} words" if t["kind"] == "builtin"
+                else f"CLIP {t['folder']} ({t['sha256'][:10]}), frozen: sample needs --text-encoder")
+        out.insert(2, ("Text", [("encoder", what), ("tokens", f"{t['tokens']} per prompt, width {t['width']}")]))
     if info.kind == "model":
         where = f"{d['sigmas']} sigmas" if d["sigmas"] else f"{d['spacing']} spacing"
         out.append(("Sampling defaults", [
             ("sampler", f"{d['sampler']}, {d['steps']} steps, {where}"),
             ("guidance", f"{d['guidance']:g}" + (f" at sigma {d['guidance_interval'][0]:.3g} to "
                                                   f"{d['guidance_interval'][1]:.3g}" if d["guidance_interval"] else "")),
-            ("images", f"{d['num_images']}" + (" (one per class)" if info.classes else "")),
+            ("images", f"{d['num_images']}" + (" (one per class)" if info.classes else " per prompt" if info.text_encoder else "")),
             ("tuned", "; ".join(_tuned_text(t) for t in info.tuned) or "none"),
         ]))
     training = [(k.replace("_", " "), _value(v)) for k, v in info.training.items()]

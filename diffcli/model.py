@@ -39,10 +39,21 @@ class ModelConfig:
     num_classes: int = 0  # 0: unconditional (the embedding table holds only the null class)
     learn_sigma: bool = False  # Improved DDPM: a second output half interpolates the log variance
     long_skip: bool = False  # U-ViT (Bao et al. 2023): concat-and-project skips shallow -> deep
+    # a text-to-image model (PixArt-alpha style cross-attention to caption tokens in every block):
+    text_encoder: str = ""  # "" (class/unconditional model), "builtin" (diffcli.text, trained jointly) or "clip" (frozen)
+    context_dim: int = 0  # width of the text features the blocks attend to
+    text_length: int = 0  # tokens per caption
+    text_vocab: int = 0  # builtin: rows of the word embedding table (the vocabulary and UNK)
+    text_depth: int = 0  # builtin: transformer layers of the text encoder
 
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def text(self) -> bool:
+        """A text-to-image model: its condition y is a (B, text_length) token row per image (diffcli.text)."""
+        return bool(self.text_encoder)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -67,6 +78,11 @@ class ModelConfig:
         field("num_classes", int, min=0, max=1_000_000),
         field("learn_sigma", bool),
         field("long_skip", bool),
+        field("text_encoder", str, choices=("", "builtin", "clip"), default=""),
+        field("context_dim", int, min=0, max=65536, default=0),
+        field("text_length", int, min=0, max=4096, default=0),
+        field("text_vocab", int, min=0, max=1_000_000, default=0),
+        field("text_depth", int, min=0, max=64, default=0),
     )
     MAX_TOKENS: ClassVar[int] = 65536  # the patch grid; the fixed positional table is tokens x hidden_size
 
@@ -85,6 +101,17 @@ class ModelConfig:
             return "hidden_size", f"hidden size {D} must be divisible by 4 and by the head count {self.num_heads}"
         if int(D * self.mlp_ratio) < 1:
             return "mlp_ratio", f"the MLP width int({D} * {self.mlp_ratio}) is 0"
+        if self.text_encoder:
+            if self.num_classes:
+                return "num_classes", "a text-to-image model has no classes (captions are its condition)"
+            if self.context_dim < 1 or self.text_length < 1:
+                return "context_dim", "a text-to-image model needs context_dim and text_length >= 1"
+            if (self.text_encoder == "builtin") != (self.text_vocab >= 1):
+                return "text_vocab", "text_vocab is the builtin encoder's table size (>= 1), 0 for clip"
+            if self.text_encoder == "clip" and self.text_depth:
+                return "text_depth", "text_depth is the builtin encoder's, 0 for clip"
+        elif self.context_dim or self.text_length or self.text_vocab or self.text_depth:
+            return "text_encoder", "context_dim, text_length, text_vocab and text_depth need a text_encoder"
         if self.num_tokens > self.MAX_TOKENS:
             return "patch_size", (f"resolution {self.image_height}x{self.image_width} in patches of {p} is "
                                   f"{self.num_tokens} tokens, more than the {self.MAX_TOKENS} diffcli allows")
@@ -182,6 +209,29 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.table(y)  # (B, D)
+
+
+class CaptionEmbedder(nn.Module):
+    """Text features (B, L, W) -> caption tokens (B, L, D) for the blocks' cross-attention: an MLP as
+    PixArt-alpha's caption projection, and a learned null caption for classifier-free guidance that
+    replaces every row without a real token (a dropped caption in training, the unconditional half
+    when sampling). The null caption is one token; its row's other positions are masked out."""
+
+    def __init__(self, context_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.null = nn.Parameter(torch.zeros(1, context_dim))
+        self.mlp = nn.Sequential(nn.Linear(context_dim, hidden_size), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L, W = feats.shape
+        null = ~mask.any(1)  # (B,) rows that are the null caption
+        if bool(null.any()):
+            row = torch.cat([self.null, self.null.new_zeros(L - 1, W)])  # (L, W)
+            row_mask = torch.arange(L, device=mask.device) == 0
+            feats = torch.where(null[:, None, None], row.to(feats.dtype), feats)
+            mask = torch.where(null[:, None], row_mask, mask)
+        return self.mlp(feats), mask  # (B, L, D), (B, L)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,37 +333,68 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (DiT, Sec. 3.2)."""
+class CrossAttention(nn.Module):
+    """Image tokens attend to caption tokens; masked keys (padding) get no weight."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        L, h = ctx.shape[1], self.num_heads
+        q = self.q(x).reshape(B, N, h, D // h).transpose(1, 2)  # (B, heads, N, D/heads)
+        k, v = self.kv(ctx).reshape(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+Context = tuple[torch.Tensor, torch.Tensor]  # caption tokens (B, L, D) and their key mask (B, L)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (DiT, Sec. 3.2); with `cross`, a cross-attention
+    to the caption tokens between self-attention and MLP (PixArt-alpha, Chen et al. 2023, Sec. 2.3:
+    the timestep still enters through adaLN, the text only through cross-attention)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip: bool = False, cross: bool = False) -> None:
         super().__init__()
         self.skip = nn.Linear(2 * dim, dim) if skip else None  # U-ViT long skip: Linear([x, skip])
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
+        self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if cross else None
+        self.cross_attn = CrossAttention(dim, num_heads) if cross else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, skip: torch.Tensor | None = None,
+                context: Context | None = None) -> torch.Tensor:
         if self.skip is not None:
             x = self.skip(torch.cat([x, skip], dim=-1))
         mods = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, D) each
         if inference_fast_path(x):
-            return self._forward_no_grad(x, *mods)
+            return self._forward_no_grad(x, context, *mods)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         # x + gate * f(...) in one pass (addcmul), not a product and a sum
         x = torch.addcmul(x, gate_a[:, None], self.attn(modulate(self.norm1(x), shift_a, scale_a)))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), *context)
         x = torch.addcmul(x, gate_m[:, None], self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
         return x  # (B, N, D)
 
-    def _forward_no_grad(self, x: torch.Tensor, *mods: torch.Tensor) -> torch.Tensor:
+    def _forward_no_grad(self, x: torch.Tensor, context: Context | None, *mods: torch.Tensor) -> torch.Tensor:
         """forward() without autograd on CPU fp32: in-place updates, fused linear + GELU(tanh)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (m[:, None] for m in mods)  # (B, 1, D)
         h = self.norm1(x)
         torch.addcmul(shift_a, h, 1 + scale_a, out=h)  # modulate in place
         x = torch.addcmul(x, gate_a, self.attn(h))  # a new tensor: the input may be a long skip's
+        if self.cross_attn is not None:
+            x.add_(self.cross_attn(self.norm_cross(x), *context))
         h = self.norm2(x)
         torch.addcmul(shift_m, h, 1 + scale_m, out=h)
         fc1, fc2 = self.mlp[0], self.mlp[2]
@@ -353,9 +434,17 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", pos_embed, persistent=False)  # (1, N, D), fixed
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
+        if cfg.text_encoder == "builtin":
+            from diffcli.text import TextEncoder
+
+            self.text_encoder = TextEncoder(cfg.text_vocab, cfg.text_length, cfg.context_dim, cfg.text_depth)
+        # a frozen CLIP text encoder is not part of the model (nor of its file): load_model attaches it
+        self.external_text: Any = None
+        if cfg.text:
+            self.caption_embedder = CaptionEmbedder(cfg.context_dim, D)
         n_in = cfg.depth // 2 if cfg.long_skip else 0  # blocks whose outputs feed the long skips
         self.blocks = nn.ModuleList(
-            DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, skip=cfg.long_skip and i >= cfg.depth - n_in)
+            DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, skip=cfg.long_skip and i >= cfg.depth - n_in, cross=cfg.text)
             for i in range(cfg.depth)
         )
         self.final_layer = FinalLayer(D, p, cfg.out_channels)
@@ -385,6 +474,15 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:  # and so does the text path (PixArt-alpha zeroes this projection too)
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        # Text: word and position tables normal(0, 0.02 / 0.01); the null caption normal(0, 1/sqrt(width)),
+        # the scale of a feature vector after a LayerNorm divided by its width's square root (PixArt-alpha)
+        if self.config.text_encoder == "builtin":
+            self.text_encoder.initialize_weights()
+        if self.config.text:
+            nn.init.normal_(self.caption_embedder.null, std=self.config.context_dim ** -0.5)
         # Final layer at zero: an untrained model outputs exactly 0
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
@@ -392,9 +490,14 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,) timesteps (float allowed), y: (B,) labels, null class = unconditional."""
+        """x: (B, C, H, W), t: (B,) timesteps (float allowed), y: (B,) labels, null class = unconditional;
+        a text model: y (B, text_length) token rows (diffcli.text), all PAD = the null caption."""
         B = x.shape[0]
-        if y is None:
+        if y is None and self.config.text:
+            from diffcli.text import PAD
+
+            y = torch.full((B, self.config.text_length), PAD, dtype=torch.long, device=x.device)
+        elif y is None:
             y = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
         chunk = max(1, self.no_grad_chunk_tokens // self.config.num_tokens)
         if B > chunk and inference_fast_path(x):
@@ -409,16 +512,30 @@ class DiT(nn.Module):
         # contiguous (B, N, D): the conv's (B, D, N) seen through a transpose would keep every later
         # elementwise op in channel-major strides and make each LayerNorm copy its input
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D), computed once for all blocks
+        if self.config.text:  # the timestep alone through adaLN; the caption through cross-attention
+            c = self.t_embedder(t) + self.y_embedder.table.weight[0]  # (B, D)
+            context = self.caption_embedder(*self.text_features(y))  # (B, L, D), (B, L)
+        else:
+            c = self.t_embedder(t) + self.y_embedder(y)  # (B, D), computed once for all blocks
+            context = None
         n_in = len([b for b in self.blocks if b.skip is not None])
         skips: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, c, skips.pop() if block.skip is not None else None)
+            tokens = block(tokens, c, skips.pop() if block.skip is not None else None, context)
             if i < n_in:
                 skips.append(tokens)
         out = self.final_layer(tokens, c)  # (B, N, p*p*C_out)
         h, w = self.config.grid
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
+
+
+    def text_features(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows (B, L) -> text features (B, L, context_dim) and the mask of real tokens (B, L)."""
+        if self.config.text_encoder == "builtin":
+            return self.text_encoder(y)
+        if self.external_text is None:
+            raise UsageError("this model reads captions with a CLIP text encoder that is not loaded (--text-encoder FOLDER)")
+        return self.external_text.features(y)
 
 
 def state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -433,6 +550,15 @@ def state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
         "y_embedder.table.weight": (K + 1, D),
     }
+    if cfg.text_encoder == "builtin":
+        from diffcli.text import encoder_shapes
+
+        shapes = encoder_shapes(cfg.text_vocab, cfg.text_length, cfg.context_dim, cfg.text_depth)
+        out |= {f"text_encoder.{k}": v for k, v in shapes.items()}
+    if cfg.text:
+        W = cfg.context_dim
+        out |= {"caption_embedder.null": (1, W), "caption_embedder.mlp.0.weight": (D, W), "caption_embedder.mlp.0.bias": (D,),
+                "caption_embedder.mlp.2.weight": (D, D), "caption_embedder.mlp.2.bias": (D,)}
     n_in = cfg.depth // 2 if cfg.long_skip else 0
     for i in range(cfg.depth):
         b = f"blocks.{i}."
@@ -441,6 +567,9 @@ def state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out |= {
             b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
             b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+            **({b + "cross_attn.q.weight": (D, D), b + "cross_attn.q.bias": (D,),
+                b + "cross_attn.kv.weight": (2 * D, D), b + "cross_attn.kv.bias": (2 * D,),
+                b + "cross_attn.proj.weight": (D, D), b + "cross_attn.proj.bias": (D,)} if cfg.text else {}),
             b + "mlp.0.weight": (M, D), b + "mlp.0.bias": (M,),
             b + "mlp.2.weight": (D, M), b + "mlp.2.bias": (D,),
             b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,),

@@ -20,6 +20,8 @@ _IMAGE_OPTIONAL = (
     "init_image", "init_sha256", "strength", "mask", "mask_sha256", "resample", "mask_blur",
     # a latent model: its autoencoder (name, sha256, scaling_factor) and the decoder used
     "autoencoder",
+    # a text-to-image model: the image's prompt, its line in --prompts (0 for --prompt), the negative prompt
+    "prompt", "prompt_index", "negative_prompt",
 )
 _PROGRESS = (("task", "completed", "total", "elapsed", "eta"), ("loss", "images_per_second"))
 _ERROR = (("message", "exit_code"), ())
@@ -64,7 +66,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
         "progress": _PROGRESS,
         "error": _ERROR,
     },
-    "info": {kind: (_INFO, ("tuned", "training", "autoencoder")) for kind in ("model", "checkpoint")} | {"error": _ERROR},
+    "info": {kind: (_INFO, ("tuned", "training", "autoencoder", "text_encoder")) for kind in ("model", "checkpoint")} | {"error": _ERROR},
     "eval": {
         "result": (("fid", "kid_mean", "kid_std", "precision", "recall", "accuracy", "per_class_accuracy", "features",
                     "n_samples", "n_real", "kid_subsets", "kid_subset_size", "neighbours", "samples", "real",

@@ -351,7 +351,7 @@ def sample(
     *,
     seeds: Sequence[int] = (0,),
     labels: torch.Tensor | None = None,
-    null_label: int | None = None,
+    null_label: int | torch.Tensor | None = None,
     guidance: float = 1.0,
     prediction: str = "epsilon",
     spacing: str = "trailing",

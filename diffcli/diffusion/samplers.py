@@ -169,6 +169,8 @@ def ddpm_step(
 class Guided:
     """f(x, t, y) with classifier-free guidance (Ho & Salimans 2022):
     out = out_u + w (out_c - out_u), cond and uncond in one batched forward; w = 1 skips the uncond half.
+    null_label: the null class, or for a text model a (1, L) token row for the uncond half (the null
+    caption, or a negative prompt as in Stable Diffusion's negative prompting).
     For a learn_sigma model the variance half is the conditional one.
 
     interval (lo, hi): guidance only where lo < sigma <= hi, a single conditional forward elsewhere
@@ -176,7 +178,7 @@ class Guided:
     Quality in Diffusion Models", Eq. 6); the caller passes the sigma of the step. guided_calls counts the
     evaluations that were guided."""
 
-    def __init__(self, denoiser: Denoiser, guidance: float, null_label: int | None,
+    def __init__(self, denoiser: Denoiser, guidance: float, null_label: int | torch.Tensor | None,
                  interval: tuple[float, float] | None = None) -> None:
         self.denoiser, self.guidance, self.null_label, self.interval = denoiser, guidance, null_label, interval
         self.guided_calls = 0
@@ -195,7 +197,10 @@ class Guided:
             return self.denoiser(x, t, y)
         self.guided_calls += 1
         B, C = x.shape[:2]
-        y_null = torch.full_like(y, self.null_label)
+        if isinstance(self.null_label, torch.Tensor):  # a text model: the null caption's or a negative prompt's token row
+            y_null = self.null_label.to(y.device).expand_as(y)
+        else:
+            y_null = torch.full_like(y, self.null_label)
         out = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
         cond, uncond = out[:B], out[B:]
         pred = uncond[:, :C] + self.guidance * (cond[:, :C] - uncond[:, :C])
@@ -294,7 +299,7 @@ def sample(
     *,
     seeds: Sequence[int] = (0,),
     labels: torch.Tensor | None = None,
-    null_label: int | None = None,
+    null_label: int | torch.Tensor | None = None,
     guidance: float = 1.0,
     prediction: str = "epsilon",
     eta: float = 0.0,

@@ -15,6 +15,7 @@ import torch
 from diffcli.data import ImageSet, parse_resolution
 from diffcli.latents import LatentSet
 from diffcli.errors import UsageError
+from diffcli.text import PAD
 from diffcli.training.config import TrainConfig
 
 
@@ -84,7 +85,7 @@ class Batch:
     """This rank's slice of one step's global batch."""
 
     x0: torch.Tensor  # (b, C, H, W) float in [-1, 1]
-    y: torch.Tensor  # (b,) class indices, the null class where dropped (everywhere when unconditional)
+    y: torch.Tensor  # (b,) class indices, the null class where dropped (everywhere when unconditional); text: (b, L) token rows
     t: torch.Tensor  # (b,) timesteps
     noise: torch.Tensor  # (b, C, H, W)
 
@@ -99,13 +100,16 @@ class Batches:
     """The cached image set on the training device, and step -> this rank's Batch."""
 
     def __init__(self, cfg: TrainConfig, data: ImageSet, rank: int, world: int, device: torch.device,
-                 latents: LatentSet | None = None) -> None:
+                 latents: LatentSet | None = None, tokens: torch.Tensor | None = None) -> None:
         self.latents = latents
         if latents is None:
             self.pixels = data.pixels.to(device)  # the whole cached set lives on the training device
         else:  # a latent run: the posterior of every image (and of its mirror image with --flip)
             self.mean, self.logvar = latents.mean.to(device), latents.logvar.to(device)
-        self.labels = data.labels.to(device)
+        # the condition of every image: its class, or (a text model) its caption's token row (N, L)
+        self.labels = (data.labels if tokens is None else tokens).to(device)
+        self.text = tokens is not None
+        self.dropout = cfg.caption_dropout if self.text else cfg.class_dropout
         self.order = DataOrder(len(data.files), cfg.batch_size, cfg.seed)
         B = cfg.batch_size
         if B % world:
@@ -116,7 +120,8 @@ class Batches:
         self.cfg, self.rank, self.device = cfg, rank, device
         self.H, self.W = parse_resolution(cfg.resolution)
         self.num_classes = len(data.class_names)
-        self.null = self.num_classes  # the null class index (unconditional models only have it)
+        # the null class index (unconditional models only have it); a text model's null caption is all PAD
+        self.null = PAD if self.text else self.num_classes
 
     def at(self, step: int) -> Batch:
         if self.latents is not None:
@@ -127,14 +132,14 @@ class Batches:
         idx = self.order.batch_indices(step)  # (B,) global batch
         t_all = sample_timesteps(cfg, B, g)
         noise_all = torch.randn((B, C, H, W), generator=g)
-        drop = torch.rand(B, generator=g) < cfg.class_dropout
+        drop = torch.rand(B, generator=g) < self.dropout
         flip = torch.rand(B, generator=g) < 0.5
         lo = self.rank * self.per_rank
         mine = slice(lo, lo + self.per_rank)
         x0 = augment(self.pixels[idx[mine].to(device)], cfg, H, W, flip[mine], g, lo, device)
         y = self.labels[idx[mine].to(device)].clone()
         y[drop[mine].to(device)] = self.null
-        if not self.num_classes:
+        if not self.num_classes and not self.text:
             y.fill_(self.null)
         return Batch(x0, y, t_all[mine].to(device), noise_all[mine].to(device))
 
@@ -148,7 +153,7 @@ class Batches:
         idx = self.order.batch_indices(step)
         t_all = sample_timesteps(cfg, B, g)
         noise_all = torch.randn((B, C, h, w), generator=g)
-        drop = torch.rand(B, generator=g) < cfg.class_dropout
+        drop = torch.rand(B, generator=g) < self.dropout
         flip = torch.rand(B, generator=g) < 0.5
         eps_all = torch.randn((B, C, h, w), generator=g)  # the posterior draw
         lo = self.rank * self.per_rank
@@ -160,6 +165,6 @@ class Batches:
         x0 = lat.scaling_factor * (mean + torch.exp(0.5 * logvar) * eps_all[mine].to(device))
         y = self.labels[i.to(device)].clone()
         y[drop[mine].to(device)] = self.null
-        if not self.num_classes:
+        if not self.num_classes and not self.text:
             y.fill_(self.null)
         return Batch(x0, y, t_all[mine].to(device), noise_all[mine].to(device))

@@ -97,6 +97,12 @@ class TrainConfig:
     eval_images: int = 1000  # samples per evaluation
     time_limit: float | None = None  # minutes of training (all runs of the folder together); None: --steps only
     autoencoder: str | None = None  # an autoencoder file: train on its latents (diffcli/latents.py)
+    # text-to-image (diffcli/text.py, diffcli/captions.py): captions from .txt sidecars or metadata.jsonl
+    text_encoder: str = "auto"  # auto (builtin when the folder has captions), none, builtin, or a CLIP folder
+    caption_column: str = "text"  # metadata.jsonl's column
+    caption_dropout: float = 0.1  # captions replaced by the null caption, for classifier-free guidance
+    caption_tokens: int = 32  # the builtin encoder's tokens per caption (words; longer captions are cut)
+    text_depth: int = 2  # the builtin encoder's transformer layers
 
     # options that define what is trained: they must match when resuming
     IDENTITY = (
@@ -104,6 +110,7 @@ class TrainConfig:
         "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm", "grad_accum",
         "ema_decay", "schedule", "timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction",
         "class_dropout", "min_snr_gamma", "timestep_sampling", "seed",
+        "text_encoder", "caption_column", "caption_dropout", "caption_tokens", "text_depth",
     )
 
     @classmethod
@@ -154,6 +161,13 @@ class TrainConfig:
         need(self.prediction in ("epsilon", "v"), "--prediction must be epsilon or v")
         need(finite(self.class_dropout) and 0 <= self.class_dropout <= 1, "--class-dropout must be in [0, 1]")
         need(finite(self.min_snr_gamma) and self.min_snr_gamma >= 0, "--min-snr-gamma must be >= 0 (0 disables)")
+        need(finite(self.caption_dropout) and 0 <= self.caption_dropout <= 1, "--caption-dropout must be in [0, 1]")
+        need(1 <= self.caption_tokens <= 512, f"--caption-tokens must be between 1 and 512, got {self.caption_tokens}")
+        need(0 <= self.text_depth <= 24, f"--text-depth must be between 0 and 24, got {self.text_depth}")
+        need(bool(self.caption_column) and len(self.caption_column) <= 255 and self.caption_column.isprintable(),
+             "--caption-column must be a column name of metadata.jsonl")
+        need(self.text_encoder in ("auto", "none") or not self.unconditional,
+             "--unconditional and --text-encoder exclude each other (a text model is conditioned on captions)")
         need(self.timestep_sampling in ("uniform", "logit-normal"), "--timestep-sampling must be uniform or logit-normal")
         need(self.lr_schedule in ("constant", "cosine"), "--lr-schedule must be constant or cosine")
         need(finite(self.guidance) and self.guidance >= 0, "--guidance must be >= 0")

@@ -81,7 +81,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     C, h, w = (data.pixels.shape[1], H, W) if latents is None else tuple(latents.mean.shape[1:])
     mcfg = preset_config(cfg.model, image_height=h, image_width=w, in_channels=C,
                          num_classes=len(data.class_names), learn_sigma=cfg.learn_sigma, long_skip=cfg.long_skip)
-    learner = Learner.build(cfg, mcfg, d, device, resumed)
+    text = _prepare_text(cfg, data, mcfg, log)
+    if text is not None:
+        mcfg = text.config
+    learner = Learner.build(cfg, mcfg, d, device, resumed, text)
     log(f"model: {cfg.model}{' +long-skip' if cfg.long_skip else ''}, "
         f"{count_parameters(learner.model) / 1e6:.2f} M parameters; "
         f"{device.type}{f' x{d.world}' if d.active else ''}, {str(learner.dtype).removeprefix('torch.')}")
@@ -102,8 +105,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     tb = _tensorboard(cfg, run) if d.main else None
     if evaluation is not None:
         evaluation.tb = tb
-    batches = Batches(cfg, data, d.rank, d.world, device, latents)
-    saver = Checkpointer(run, cfg, data, mcfg, learner.schedule, latent)
+    batches = Batches(cfg, data, d.rank, d.world, device, latents, text.tokens if text else None)
+    saver = Checkpointer(run, cfg, data, mcfg, learner.schedule, latent, text.spec if text else None)
 
     # ---- the loop -------------------------------------------------------------------------------
     t_start = time.perf_counter()
@@ -136,7 +139,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
             if cfg.sample_every and (step % cfg.sample_every == 0 or last) and d.main:
                 png = run.samples / f"step_{step:07d}.png"
                 preview(learner.ema, learner.schedule, cfg, data.class_names, png, device,
-                        decoder=latent[1] if latent else None)
+                        decoder=latent[1] if latent else None, text=text)
             if evaluation is not None and evaluation.due(step) and not stop_now:  # a stop is not kept waiting
                 rec = evaluation(step, learner.ema, learner.schedule)
                 meter.t_window += rec["eval_seconds"]  # images/s counts training time only
@@ -205,17 +208,80 @@ def _prepare_latents(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.devic
     return latents, (spec, decoder)
 
 
+@dataclass
+class TextRun:
+    """A text-to-image run: the model config with its text fields, what the files record, the token
+    row of every image, the prompts of the preview grid, and a frozen CLIP encoder if one is used."""
+
+    config: ModelConfig
+    spec: Any  # diffcli.text.TextSpec
+    tokens: torch.Tensor  # (N, L) int64, PAD-padded; an image without a caption: all PAD (the null caption)
+    prompts: list[str]  # up to PREVIEW_PROMPTS distinct captions, in file order
+    clip: Any = None  # diffcli.clip.ClipTextEncoder for a CLIP run
+
+
+PREVIEW_PROMPTS = 8
+
+
+def _prepare_text(cfg: TrainConfig, data: ImageSet, base: ModelConfig, log: Callable[[str], None]) -> TextRun | None:
+    """Whether the run is text-to-image (--text-encoder auto: when the folder has captions), and its
+    vocabulary (builtin) or frozen encoder (a CLIP folder); InputError when one is asked for and no
+    image has a caption."""
+    from dataclasses import replace
+
+    from diffcli.text import TextSpec, Vocabulary, words
+
+    captions = data.captions
+    if cfg.text_encoder == "none" or captions is None:
+        return None
+    n = sum(c is not None for c in captions)
+    if n == 0:
+        if cfg.text_encoder == "auto":
+            return None
+        raise InputError(f"--text-encoder {cfg.text_encoder}: no image in {cfg.data_dir} has a caption (a .txt file "
+                         f"with the image's name beside it, or a metadata.jsonl with a {cfg.caption_column!r} column)")
+    if cfg.eval_every:
+        raise UsageError("--eval-every is not available for text-to-image models yet; sample with --prompts and "
+                         "run diffcli eval on the images")
+    N = len(captions)
+    log(f"captions: {n} of {N} images" + (f" ({N - n} without: they train the null caption)" if n < N else "")
+        + f"; a text-to-image model ({'builtin' if cfg.text_encoder == 'auto' else cfg.text_encoder} text encoder)")
+    prompts = list(dict.fromkeys(c for c in captions if c is not None))[:PREVIEW_PROMPTS]
+    if cfg.text_encoder in ("auto", "builtin"):
+        vocab = Vocabulary.build(captions)
+        longest = max(len(words(c)) for c in captions if c is not None)
+        L = max(1, min(cfg.caption_tokens, longest))  # tokens per caption: the longest caption, at most --caption-tokens
+        if longest > cfg.caption_tokens:
+            cut = sum(len(words(c)) > L for c in captions if c is not None)
+            log(f"warning: {cut} caption(s) have more than --caption-tokens {L} words; the model reads the first {L}")
+        tokens = vocab.rows(captions, L)
+        log(f"text: {vocab.size - 1:,} words in the vocabulary, {L} tokens per caption")
+        mcfg = replace(base, num_classes=0, text_encoder="builtin", context_dim=base.hidden_size, text_length=L,
+                       text_vocab=vocab.size, text_depth=cfg.text_depth).validate()
+        return TextRun(mcfg, TextSpec("builtin", vocab), tokens, prompts)
+    from diffcli.clip import ClipTextEncoder
+
+    enc = ClipTextEncoder.load(cfg.text_encoder)
+    tokens = enc.tokenize(captions, warn=log)
+    mcfg = replace(base, num_classes=0, text_encoder="clip", context_dim=enc.width, text_length=enc.max_length).validate()
+    spec = TextSpec("clip", None, enc.identity["folder"], enc.identity["sha256"])
+    log(f"text: CLIP text encoder {cfg.text_encoder} (frozen), width {enc.width}, {enc.max_length} tokens per caption")
+    return TextRun(mcfg, spec, tokens, prompts, enc)
+
+
 def _load_data(cfg: TrainConfig, run: RunDir, d: Dist, H: int, W: int, log: Callable[[str], None],
                decode_progress: Callable[[int, int], None] | None, channels: str | None = None) -> ImageSet:
     data = load_folder(cfg.data_dir, (H, W), channels or cfg.channels, cfg.crop, cfg.unconditional, cfg.num_workers,
-                       decode_progress, cache_path=run.cache if d.main else None, log=log)
+                       decode_progress, cache_path=run.cache if d.main else None, log=log,
+                       caption_column=None if cfg.text_encoder == "none" or cfg.unconditional else cfg.caption_column)
     if data.skipped:
         names = ", ".join(Path(f).name for f, _ in data.skipped[:5])
         log(f"warning: skipped {len(data.skipped)} unreadable file(s): {names}{' ...' if len(data.skipped) > 5 else ''}")
     C = data.pixels.shape[1]
     K = len(data.class_names)
     log(f"data: {len(data.files)} images, {C} channel(s), {H}x{W}, "
-        + (f"{K} classes ({', '.join(data.class_names[:10])}{', ...' if K > 10 else ''})" if K else "unconditional"))
+        + (f"{K} classes ({', '.join(data.class_names[:10])}{', ...' if K > 10 else ''})" if K
+           else "no class folders" if data.captions and any(data.captions) else "unconditional"))
     return data
 
 
@@ -240,19 +306,23 @@ class Learner:
     scaler: torch.amp.GradScaler | None  # fp16 on CUDA only
 
     @classmethod
-    def build(cls, cfg: TrainConfig, mcfg: ModelConfig, d: Dist, device: torch.device, resumed: Resumed) -> Learner:
+    def build(cls, cfg: TrainConfig, mcfg: ModelConfig, d: Dist, device: torch.device, resumed: Resumed,
+              text: TextRun | None = None) -> Learner:
         with torch.random.fork_rng(devices=[]):  # initialisation from the seed, without touching global RNG
             torch.manual_seed(cfg.seed)
             model = DiT(mcfg)
         ema = DiT(mcfg)
         ema.load_state_dict(model.state_dict())
+        if text is not None and text.clip is not None:  # frozen, outside the weights: both read captions through it
+            model.external_text = ema.external_text = text.clip
         model.to(device)
         ema.to(device).eval().requires_grad_(False)
         use_cuda = device.type == "cuda"
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                 **({"fused": True} if use_cuda else {}))
         if resumed.tensors:
-            checkpoint.check_state_fits(resumed.meta, mcfg, resumed.path)  # e.g. a class added to the folder since
+            # e.g. a class added to the folder since, or captions changed
+            checkpoint.check_state_fits(resumed.meta, mcfg, resumed.path, text.spec if text else None)
             load_state_tensors(resumed.tensors, model, ema, opt)
         schedule = NoiseSchedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.zero_terminal_snr)
         dtype = resolve_precision(cfg.precision, device)
@@ -400,14 +470,21 @@ def _tensorboard(cfg: TrainConfig, run: RunDir):
 @torch.no_grad()
 def preview(ema: DiT, schedule: NoiseSchedule, cfg: TrainConfig, class_names: list[str], path: Path,
             device: torch.device, steps: int = 25, per_class: int = 4,
-            decoder: torch.nn.Module | None = None) -> None:
+            decoder: torch.nn.Module | None = None, text: TextRun | None = None) -> None:
     """A grid from a fixed seed with the EMA weights: one row per class (per_class images each), or
-    16 images for an unconditional model."""
+    16 images for an unconditional model; a text model: one row per prompt taken from the captions,
+    which are written beside the grid (same name, .txt), a line per row."""
     from diffcli.images import make_grid, save_png, to_pil, to_uint8
     from diffcli.diffusion.samplers import sample
 
     K = len(class_names)
-    if K:
+    null: Any = ema.null_class if K else None
+    guidance = cfg.guidance if K else 1.0
+    if text is not None:
+        labels = _prompt_rows(text, ema).repeat_interleave(per_class, dim=0)
+        cols, null, guidance = per_class, _null_row(ema), cfg.guidance
+        atomic.write_bytes(path.with_suffix(".txt"), "".join(f"{p}\n" for p in text.prompts).encode())
+    elif K:
         per = per_class if K <= 16 else 1
         labels = torch.arange(K).repeat_interleave(per)
         cols = per if K <= 16 else math.ceil(math.sqrt(K))
@@ -416,8 +493,8 @@ def preview(ema: DiT, schedule: NoiseSchedule, cfg: TrainConfig, class_names: li
     n = len(labels) if labels is not None else 16
     cfg_m = ema.config
     res = sample(ema, schedule, (cfg_m.in_channels, cfg_m.image_height, cfg_m.image_width), steps, "ddim",
-                 seeds=list(range(n)), labels=labels, null_label=ema.null_class if K else None,
-                 guidance=cfg.guidance if K else 1.0, prediction=cfg.prediction, device=device,
+                 seeds=list(range(n)), labels=labels, null_label=null,
+                 guidance=guidance, prediction=cfg.prediction, device=device,
                  clip_x0=1.0 if decoder is None else None)  # latents have no [-1, 1] range
     images = res.images if decoder is None else decoder(res.images.to(device)).clamp(-1, 1).cpu()
     grid = to_pil(make_grid(to_uint8(images), ncols=cols))
@@ -427,6 +504,19 @@ def preview(ema: DiT, schedule: NoiseSchedule, cfg: TrainConfig, class_names: li
 
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     save_png(path, grid, overwrite=True)
+
+
+def _prompt_rows(text: TextRun, model: DiT) -> torch.Tensor:
+    """The preview prompts' token rows."""
+    if text.clip is not None:
+        return text.clip.tokenize(text.prompts)
+    return text.spec.vocabulary.rows(text.prompts, model.config.text_length)
+
+
+def _null_row(model: DiT) -> torch.Tensor:
+    from diffcli.text import PAD
+
+    return torch.full((1, model.config.text_length), PAD, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------------

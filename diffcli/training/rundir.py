@@ -170,13 +170,15 @@ class Checkpointer:
     model_config: ModelConfig
     schedule: NoiseSchedule
     latent: tuple[Any, Any] | None = None  # a latent run: (checkpoint.LatentSpec, its LatentDecoder)
+    text: Any = None  # a text-to-image run: its diffcli.text.TextSpec
 
     def save(self, step: int, model: DiT, ema: DiT, opt: torch.optim.Optimizer, elapsed: Callable[[], float],
              final: bool = False) -> None:
         cfg, data, run = self.cfg, self.data, self.run
         meta = {"train_config": cfg.to_dict(), "step": str(step), "seconds": str(round(elapsed(), 3)),
                 "class_names": data.class_names,
-                "model_config": self.model_config.to_dict(), "schedule": self.schedule.to_dict()}
+                "model_config": self.model_config.to_dict(), "schedule": self.schedule.to_dict(),
+                **({"text_encoder": self.text.to_dict()} if self.text is not None else {})}
         checkpoint.write(run.checkpoint_path(step), state_tensors(model, ema, opt), meta, checkpoint.STATE_FORMAT)
         for old in run.list_checkpoints()[: -cfg.keep_last]:
             old.unlink(missing_ok=True)
@@ -185,6 +187,6 @@ class Checkpointer:
                               training={"steps": step, "images_seen": step * B, "dataset_images": len(data.files),
                                         "dataset": str(cfg.data_dir), "preset": cfg.model, "batch_size": B,
                                         "lr": cfg.lr, "seconds": round(elapsed(), 1), "final": final},
-                              sampling={"guidance": cfg.guidance if data.class_names else 1.0},
+                              sampling={"guidance": cfg.guidance if data.class_names or self.text else 1.0},
                               dtype=torch.float16 if cfg.save_dtype == "fp16" else torch.float32,
-                              latent=self.latent)
+                              latent=self.latent, text=self.text)
