@@ -123,6 +123,23 @@ weights-latent:
 	cp $(LATENT_RUNS)/latent-cifar/model.safetensors weights/diffcli-cifar10-latent.safetensors
 	$(PY) benchmarks/cpu_curve.py --plot benchmarks/latent_curve.png benchmarks/latent_curve.json
 
+# The shipped text-to-image model (README "Text-to-image"): the synthetic shapes set of
+# benchmarks/shapes.py (40 images of each of the 136 seen triples; the 32 held-back ones never drawn),
+# then 35 minutes of `train --preset quick` on 2 CPU threads. Run folders go to TEXT_RUNS, outside
+# the repository; an interrupted call continues where it stopped. text-bench scores the model with
+# the pixel judge (benchmarks/text_bench.py, seen and held-back triples) and measures the text model's
+# training throughput against the class model's (benchmarks/text_speed.py).
+TEXT_RUNS ?= ../diffcli-runs
+weights-text: install
+	test -d $(TEXT_RUNS)/shapes || $(PY) benchmarks/shapes.py $(TEXT_RUNS)/shapes --per-triple 40 --seed 0
+	$(VENV)/bin/diffcli train $(TEXT_RUNS)/shapes --out $(TEXT_RUNS)/text-shapes --resume auto --preset quick \
+		--guidance 3 --time-limit 35 --save-dtype fp16 --threads 2
+	cp $(TEXT_RUNS)/text-shapes/model.safetensors weights/diffcli-shapes.safetensors
+
+text-bench: install
+	$(PY) benchmarks/text_bench.py --model weights/diffcli-shapes.safetensors --per-triple 5 --out benchmarks/text_results.json
+	$(PY) benchmarks/text_speed.py --out benchmarks/text_speed.json
+
 # The learning curves of README "Training on a CPU": the quick and the default recipe on 2 CPU threads,
 # scored at fixed minutes of training (benchmarks/cpu_curve.py; about 1.5 hours, on an idle machine:
 # the minutes are wall-clock). Run folders go to CURVE_RUNS, outside the repository; an interrupted

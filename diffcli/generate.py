@@ -88,6 +88,7 @@ class SampleOptions:
     prompts_file: str | None = None
     negative_prompt: str | None = None
     text_encoder: str | None = None  # a CLIP text model: the folder of its frozen text encoder
+    prompt_index_base: int = 0  # --from-png: the recorded prompt_index of the image (its line in a --prompts file)
 
 
 def resolve_classes(tokens: list[str], mf: ModelFile, n: int, editing: bool = False) -> list[int | None]:
@@ -195,6 +196,7 @@ def _recorded_fields() -> tuple:
         field("mask_blur", float, min=0, max=edit.MAX_MASK_BLUR, default=None),
         field("prompt", str, max_len=MAX_PROMPT_CHARS, default=None),
         field("negative_prompt", str, max_len=MAX_PROMPT_CHARS, default=None),
+        field("prompt_index", int, min=0, max=10**9, default=None),
     )
 
 
@@ -266,6 +268,8 @@ def apply_recorded(opts: SampleOptions, rec: dict[str, Any], given: set[str], pn
         values["prompt"] = rec["prompt"]
     if rec["negative_prompt"] is not None:
         values["negative_prompt"] = rec["negative_prompt"]
+    if rec["prompt_index"] is not None and "prompt" not in given and "prompts_file" not in given:
+        opts.prompt_index_base = rec["prompt_index"]
     if rec["sigmas"] is None:
         values["spacing"] = rec["spacing"] or registry.DEFAULT_SPACING
     values["guidance_interval"] = rec["guidance_interval"] or "none"  # as made: no interval unless recorded
@@ -319,6 +323,7 @@ class Plan:
     span: int | None = None  # with edits: the timesteps [0, span) the steps are spread over
     interval: tuple[float, float] | None = None  # guidance only at lo < sigma <= hi
     prompts: prompts.Prompts | None = None  # a text-to-image model: each image's prompt
+    prompt_index_base: int = 0  # added to the prompt_index each image records (--from-png)
 
 
 def _check_edit_options(opts: SampleOptions) -> float | None:
@@ -442,7 +447,7 @@ def plan(opts: SampleOptions) -> Plan:
         text = prompts.name_part(wanted.texts[k]) if wanted is not None else ""
         paths.append(render_name(template, out, {"seed": s, "index": i, "class": cname, "steps": opts.steps,
                                                  "sampler": opts.sampler, "stem": stem, "prompt": text,
-                                                 "prompt_index": k}))
+                                                 "prompt_index": k + opts.prompt_index_base}))
     if len(set(paths)) != len(paths):
         raise UsageError(f"--name {template!r} gives the same file name to several images; add {{index}} or {{seed}}")
     grid = None
@@ -467,7 +472,7 @@ def plan(opts: SampleOptions) -> Plan:
             raise UsageError("--guidance-interval needs guidance: a conditional model and --guidance other than 1")
         gi = None
     return Plan(mf, seeds, classes, paths, grid, guidance, base, device, dtype, edits, inputs, strength, span, gi,
-                wanted)
+                wanted, opts.prompt_index_base)
 
 
 def swap_decoder(mf: ModelFile, path: str, device: torch.device) -> None:
@@ -518,7 +523,7 @@ def prompt_parameters(p: Plan, i: int) -> dict[str, Any]:
     if p.prompts is None:
         return {}
     k = p.prompts.of_image[i]
-    return {"prompt": p.prompts.texts[k], "prompt_index": k,
+    return {"prompt": p.prompts.texts[k], "prompt_index": k + p.prompt_index_base,
             **({"negative_prompt": p.prompts.negative} if p.prompts.negative else {})}
 
 

@@ -125,7 +125,11 @@ class ModelConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.text_encoder:  # a class or unconditional model's file reads as it did before text models
+            for k in ("text_encoder", "context_dim", "text_length", "text_vocab", "text_depth"):
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "model_config") -> "ModelConfig":
@@ -226,11 +230,12 @@ class CaptionEmbedder(nn.Module):
     def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L, W = feats.shape
         null = ~mask.any(1)  # (B,) rows that are the null caption
-        if bool(null.any()):
-            row = torch.cat([self.null, self.null.new_zeros(L - 1, W)])  # (L, W)
-            row_mask = torch.arange(L, device=mask.device) == 0
-            feats = torch.where(null[:, None, None], row.to(feats.dtype), feats)
-            mask = torch.where(null[:, None], row_mask, mask)
+        # always in the graph, even for a batch without a null row: the optimizer then keeps state for the
+        # null caption from the first step, so every training checkpoint holds the same tensors
+        row = torch.cat([self.null, self.null.new_zeros(L - 1, W)])  # (L, W)
+        row_mask = torch.arange(L, device=mask.device) == 0
+        feats = torch.where(null[:, None, None], row.to(feats.dtype), feats)
+        mask = torch.where(null[:, None], row_mask, mask)
         return self.mlp(feats), mask  # (B, L, D), (B, L)
 
 

@@ -7,7 +7,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,6 +66,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
         log(f"resuming from {resumed.path} at step {resumed.step}")
     warmup_note = cfg.resolve_warmup()  # said once the data and model are known to be fine
 
+    _check_captions(cfg)
     ae_spec = _check_autoencoder(cfg, H, W)
     # with an autoencoder, the images take its channels (gray ones are expanded for an RGB autoencoder)
     channels = cfg.channels if ae_spec is None else str(ae_spec.config.in_channels)
@@ -84,6 +85,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     text = _prepare_text(cfg, data, mcfg, log)
     if text is not None:
         mcfg = text.config
+        data = replace(data, class_names=[])  # captions are the condition: class folders only hold the files
     learner = Learner.build(cfg, mcfg, d, device, resumed, text)
     log(f"model: {cfg.model}{' +long-skip' if cfg.long_skip else ''}, "
         f"{count_parameters(learner.model) / 1e6:.2f} M parameters; "
@@ -223,12 +225,28 @@ class TextRun:
 PREVIEW_PROMPTS = 8
 
 
+def _check_captions(cfg: TrainConfig) -> None:
+    """What the captions decide, checked before any image is decoded or anything is written: a text
+    encoder asked for where no image has a caption, and --eval-every with a text model."""
+    if cfg.text_encoder == "none" or cfg.unconditional or not (cfg.text_encoder != "auto" or cfg.eval_every):
+        return
+    from diffcli.captions import read_captions
+    from diffcli.data import find_images
+
+    files, _, _ = find_images(cfg.data_dir)
+    if files and any(c is not None for c in read_captions(Path(cfg.data_dir), files, cfg.caption_column)):
+        if cfg.eval_every:
+            raise UsageError("--eval-every is not available for text-to-image models yet; sample with --prompts and "
+                             "run diffcli eval on the images")
+    elif cfg.text_encoder != "auto":
+        raise InputError(f"--text-encoder {cfg.text_encoder}: no image in {cfg.data_dir} has a caption (a .txt file "
+                         f"with the image's name beside it, or a metadata.jsonl with a {cfg.caption_column!r} column)")
+
+
 def _prepare_text(cfg: TrainConfig, data: ImageSet, base: ModelConfig, log: Callable[[str], None]) -> TextRun | None:
     """Whether the run is text-to-image (--text-encoder auto: when the folder has captions), and its
     vocabulary (builtin) or frozen encoder (a CLIP folder); InputError when one is asked for and no
     image has a caption."""
-    from dataclasses import replace
-
     from diffcli.text import TextSpec, Vocabulary, words
 
     captions = data.captions
