@@ -267,11 +267,17 @@ def plot(out: Path, files: list[Path], sampler: str) -> int:
     for f in files:
         r = json.loads(f.read_text())
         snaps = r["snapshots"]
-        label = r["recipe"] + (" " + " ".join(r["train_args"]) if r["train_args"] else "")
-        label += f" ({r['train_config']['model']}, batch {r['train_config']['batch_size']})"
+        args, tc = r["train_args"], r["train_config"]
+        if "--autoencoder" in args:  # a latent run: the label says which latents, not every option
+            ae = Path(args[args.index("--autoencoder") + 1]).name
+            label = f"{r['recipe']}, {tc['model']} on the latents of {ae}, batch {tc['batch_size']}"
+        else:
+            label = r["recipe"] + (" " + " ".join(args) if args else "") + f" ({tc['model']}, batch {tc['batch_size']})"
         series.append(Series(label, [s["minutes"] for s in snaps], [s["samples"][sampler]["accuracy"] for s in snaps],
                              marks=tuple(range(len(snaps)))))
-    img = line_chart(series, title=f"MNIST on {r['threads']} CPU threads: samples recognised as requested ({sampler})",
+    where = str(r.get("data", "mnist")).lower()
+    data = "MNIST" if "mnist" in where else "CIFAR-10" if "cifar" in where else Path(where).name
+    img = line_chart(series, title=f"{data} on {r['threads']} CPU threads: samples recognised as requested ({sampler})",
                      x_label="minutes of training", y_label="% recognised as requested", y_range=(0, 100))
     img.save(out)
     log(f"plot: {out}")
