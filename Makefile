@@ -133,7 +133,7 @@ TEXT_RUNS ?= ../diffcli-runs
 weights-text: install
 	test -d $(TEXT_RUNS)/shapes || $(PY) benchmarks/shapes.py $(TEXT_RUNS)/shapes --per-triple 40 --seed 0
 	$(VENV)/bin/diffcli train $(TEXT_RUNS)/shapes --out $(TEXT_RUNS)/text-shapes --resume auto --preset quick \
-		--guidance 3 --time-limit 35 --save-dtype fp16 --threads 2
+		--guidance 3 --time-limit 90 --save-dtype fp16 --threads 2
 	cp $(TEXT_RUNS)/text-shapes/model.safetensors weights/diffcli-shapes.safetensors
 
 text-bench: install

@@ -169,7 +169,8 @@ def _model_file(path: Path, header: Header) -> dict[str, Any]:
 def _text_info(cfg: ModelConfig, text: Any) -> dict[str, Any] | None:
     if text is None:
         return None
-    out: dict[str, Any] = {"kind": text.kind, "tokens": cfg.text_length, "width": cfg.context_dim}
+    out: dict[str, Any] = {"kind": text.kind, "tokens": cfg.text_length, "width": cfg.context_dim,
+                           "pooled": cfg.text_pooled}
     if text.kind == "builtin":
         return out | {"words": text.vocabulary.size - 1, "layers": cfg.text_depth}
     return out | {"folder": text.folder, "sha256": text.sha256}
@@ -289,7 +290,8 @@ def rows(info: Info) -> list[tuple[str, list[tuple[str, str]]]]:
         t = info.text_encoder
         what = (f"builtin, {t['layers']} layers, {t['words']:,} words" if t["kind"] == "builtin"
                 else f"CLIP {t['folder']} ({t['sha256'][:10]}), frozen: sample needs --text-encoder")
-        out.insert(2, ("Text", [("encoder", what), ("tokens", f"{t['tokens']} per prompt, width {t['width']}")]))
+        out.insert(2, ("Text", [("encoder", what), ("tokens", f"{t['tokens']} per prompt, width {t['width']}"),
+                                ("condition", "cross-attention" + (" and pooled into adaLN" if t["pooled"] else ""))]))
     if info.kind == "model":
         where = f"{d['sigmas']} sigmas" if d["sigmas"] else f"{d['spacing']} spacing"
         out.append(("Sampling defaults", [

@@ -45,6 +45,10 @@ class ModelConfig:
     text_length: int = 0  # tokens per caption
     text_vocab: int = 0  # builtin: rows of the word embedding table (the vocabulary and UNK)
     text_depth: int = 0  # builtin: transformer layers of the text encoder
+    # the caption's mean token also joins the timestep in the adaLN condition of every block (the pooled
+    # text embedding of SDXL and SD3), so a caption steers each block's modulation as a class label does,
+    # not only its cross-attention; text models of diffcli before this field lack it
+    text_pooled: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -83,6 +87,7 @@ class ModelConfig:
         field("text_length", int, min=0, max=4096, default=0),
         field("text_vocab", int, min=0, max=1_000_000, default=0),
         field("text_depth", int, min=0, max=64, default=0),
+        field("text_pooled", bool, default=False),
     )
     MAX_TOKENS: ClassVar[int] = 65536  # the patch grid; the fixed positional table is tokens x hidden_size
 
@@ -110,8 +115,8 @@ class ModelConfig:
                 return "text_vocab", "text_vocab is the builtin encoder's table size (>= 1), 0 for clip"
             if self.text_encoder == "clip" and self.text_depth:
                 return "text_depth", "text_depth is the builtin encoder's, 0 for clip"
-        elif self.context_dim or self.text_length or self.text_vocab or self.text_depth:
-            return "text_encoder", "context_dim, text_length, text_vocab and text_depth need a text_encoder"
+        elif self.context_dim or self.text_length or self.text_vocab or self.text_depth or self.text_pooled:
+            return "text_encoder", "context_dim, text_length, text_vocab, text_depth and text_pooled need a text_encoder"
         if self.num_tokens > self.MAX_TOKENS:
             return "patch_size", (f"resolution {self.image_height}x{self.image_width} in patches of {p} is "
                                   f"{self.num_tokens} tokens, more than the {self.MAX_TOKENS} diffcli allows")
@@ -127,8 +132,10 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if not self.text_encoder:  # a class or unconditional model's file reads as it did before text models
-            for k in ("text_encoder", "context_dim", "text_length", "text_vocab", "text_depth"):
+            for k in ("text_encoder", "context_dim", "text_length", "text_vocab", "text_depth", "text_pooled"):
                 del d[k]
+        elif not self.text_pooled:  # and a text model without the pooled path as it did before that field
+            del d["text_pooled"]
         return d
 
     @classmethod
@@ -447,6 +454,7 @@ class DiT(nn.Module):
         self.external_text: Any = None
         if cfg.text:
             self.caption_embedder = CaptionEmbedder(cfg.context_dim, D)
+        self.caption_pool = nn.Linear(D, D) if cfg.text_pooled else None
         n_in = cfg.depth // 2 if cfg.long_skip else 0  # blocks whose outputs feed the long skips
         self.blocks = nn.ModuleList(
             DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, skip=cfg.long_skip and i >= cfg.depth - n_in, cross=cfg.text)
@@ -517,9 +525,13 @@ class DiT(nn.Module):
         # contiguous (B, N, D): the conv's (B, D, N) seen through a transpose would keep every later
         # elementwise op in channel-major strides and make each LayerNorm copy its input
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed  # (B, N, D)
-        if self.config.text:  # the timestep alone through adaLN; the caption through cross-attention
+        if self.config.text:  # the caption through cross-attention (and, pooled, through adaLN)
             c = self.t_embedder(t) + self.y_embedder.table.weight[0]  # (B, D)
             context = self.caption_embedder(*self.text_features(y))  # (B, L, D), (B, L)
+            if self.caption_pool is not None:
+                ctx, keep = context
+                m = keep.to(ctx.dtype)[..., None]  # (B, L, 1); every row has a real or a null token
+                c = c + self.caption_pool((ctx * m).sum(1) / m.sum(1))  # mean of the caption's tokens, (B, D)
         else:
             c = self.t_embedder(t) + self.y_embedder(y)  # (B, D), computed once for all blocks
             context = None
@@ -564,6 +576,8 @@ def state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         W = cfg.context_dim
         out |= {"caption_embedder.null": (1, W), "caption_embedder.mlp.0.weight": (D, W), "caption_embedder.mlp.0.bias": (D,),
                 "caption_embedder.mlp.2.weight": (D, D), "caption_embedder.mlp.2.bias": (D,)}
+    if cfg.text_pooled:
+        out |= {"caption_pool.weight": (D, D), "caption_pool.bias": (D,)}
     n_in = cfg.depth // 2 if cfg.long_skip else 0
     for i in range(cfg.depth):
         b = f"blocks.{i}."

@@ -123,11 +123,12 @@ def test_cross_attention_is_masked_softmax_attention():
         assert (m(x, changed, mask)[0] - got[0]).abs().max() > 1e-3
 
 
-@pytest.fixture(scope="module")
-def text_dit() -> DiT:
-    """A builtin text DiT whose every weight is re-drawn (the zeroed output layers included)."""
+@pytest.fixture(scope="module", params=[False, True], ids=["cross", "pooled"])
+def text_dit(request) -> DiT:
+    """A builtin text DiT whose every weight is re-drawn (the zeroed output layers included), with
+    and without the pooled caption in adaLN."""
     torch.manual_seed(1)
-    model = DiT(text_config(long_skip=True, depth=3))
+    model = DiT(text_config(long_skip=True, depth=3, text_pooled=request.param))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
@@ -176,13 +177,74 @@ def test_text_dit_null_caption_and_inference_path(text_dit):
     {},
     {"long_skip": True, "depth": 3, "text_depth": 2, "learn_sigma": True},
     {"text_encoder": "clip", "context_dim": 24, "text_length": 16, "text_vocab": 0, "text_depth": 0},
-], ids=["builtin", "builtin-skip", "clip"])
+    {"text_pooled": True},
+    {"text_encoder": "clip", "context_dim": 24, "text_length": 16, "text_vocab": 0, "text_depth": 0, "text_pooled": True},
+], ids=["builtin", "builtin-skip", "clip", "builtin-pooled", "clip-pooled"])
 def test_state_dict_shapes_match_the_built_text_model(overrides):
     cfg = text_config(**overrides)
     built = [(k, tuple(v.shape)) for k, v in DiT(cfg).state_dict().items()]
     assert list(state_dict_shapes(cfg).items()) == built  # names, shapes and order
     assert any(k.startswith("blocks.0.cross_attn.") for k, _ in built)
     assert any(k.startswith("text_encoder.") for k, _ in built) == (cfg.text_encoder == "builtin")
+    assert any(k.startswith("caption_pool.") for k, _ in built) == cfg.text_pooled
+
+
+def _random_text_dit(pooled: bool) -> DiT:
+    """Every weight drawn, then the cross-attention outputs zeroed again: the caption can reach the
+    output only through the pooled path."""
+    torch.manual_seed(4)
+    model = DiT(text_config(text_pooled=pooled)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+        for b in model.blocks:
+            b.cross_attn.proj.weight.zero_()
+            b.cross_attn.proj.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_pooled_caption_joins_the_timestep_in_adaln(pooled):
+    """The condition every block's adaLN reads is t_emb + the label row + caption_pool(the mean of the
+    caption tokens that are not padding), computed here token by token in float64; without the pooled
+    path it is the timestep's alone."""
+    vocab = Vocabulary(tuple(VOCAB))
+    model = _random_text_dit(pooled)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(3, 3, 16, 16, generator=g), torch.tensor([400.0, 400.0, 900.0])
+    y = vocab.rows(["a red square", "a blue circle on a red background", None], model.config.text_length)
+    seen = []
+    hook = model.blocks[0].adaLN_modulation.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        out = model(x[[0, 0, 0]], t, y)
+        ctx, keep = model.caption_embedder(*model.text_encoder(y))
+        expected = (model.t_embedder(t) + model.y_embedder.table.weight[0]).double()
+        if pooled:
+            means = torch.stack([ctx[i, keep[i]].double().mean(0) for i in range(3)])
+            expected += means @ model.caption_pool.weight.double().T + model.caption_pool.bias.double()
+    hook.remove()
+    assert keep.sum(1).tolist() == [3, 7, 1]  # padding masked out; the null caption is one token
+    assert (seen[0].double() - expected).abs().max().item() < 1e-5
+    # two captions at the same noise level: the condition, and so (cross-attention being zero) the
+    # output, differ only when the caption is pooled into it
+    assert (seen[0][0] - seen[0][1]).abs().max().item() > 1e-3 if pooled else torch.equal(seen[0][0], seen[0][1])
+    assert ((out[0] - out[1]).abs().max().item() > 1e-3) == pooled
+
+
+def test_text_pooled_is_recorded_only_when_on_and_old_runs_resume_without_it():
+    from diffcli.training.loop import _pooled_text
+    from diffcli.training.rundir import Resumed
+
+    assert "text_pooled" not in text_config().to_dict()  # a text model file of before the field reads alike
+    assert text_config(text_pooled=True).to_dict()["text_pooled"] is True
+    assert ModelConfig.from_dict(text_config().to_dict()).text_pooled is False
+    with pytest.raises(Invalid, match="text_pooled"):  # no pooled caption without a caption
+        ModelConfig.from_dict({**ModelConfig().to_dict(), "text_pooled": True})
+    state = {"w": torch.zeros(1)}
+    assert _pooled_text(Resumed()) is True  # a new run
+    assert _pooled_text(Resumed(Path("s"), 5, state, {"model_config": json.dumps(text_config().to_dict())})) is False
+    assert _pooled_text(Resumed(Path("s"), 5, state,
+                                {"model_config": json.dumps(text_config(text_pooled=True).to_dict())})) is True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,11 +598,12 @@ def test_info_shows_the_text_encoder(models):
     info = json.loads(r.stdout)
     assert info["model_kind"] == "text-to-image"
     assert info["text_encoder"] == {"kind": "builtin", "tokens": LONGEST, "width": 32, "words": len(VOCAB),
-                                    "layers": 1}
+                                    "layers": 1, "pooled": False}
     r = diffcli("info", models["text"])
     assert r.exit_code == 0, r.output
     assert "Text" in r.stdout and f"builtin, 1 layers, {len(VOCAB)} words" in r.stdout
     assert f"{LONGEST} per prompt" in r.stdout
+    assert "cross-attention" in r.stdout and "pooled" not in r.stdout
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,4 +660,4 @@ def test_clip_train_then_sample_needs_the_same_folder(tmp_path):
     r = diffcli("info", model, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["text_encoder"] == {"kind": "clip", "tokens": 16, "width": 32, "folder": "tiny-clip",
-                                                    "sha256": sha}
+                                                    "sha256": sha, "pooled": True}  # a new run pools its caption

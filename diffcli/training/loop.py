@@ -82,7 +82,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, log: Callable[[str],
     C, h, w = (data.pixels.shape[1], H, W) if latents is None else tuple(latents.mean.shape[1:])
     mcfg = preset_config(cfg.model, image_height=h, image_width=w, in_channels=C,
                          num_classes=len(data.class_names), learn_sigma=cfg.learn_sigma, long_skip=cfg.long_skip)
-    text = _prepare_text(cfg, data, mcfg, log)
+    text = _prepare_text(cfg, data, mcfg, log, pooled=_pooled_text(resumed))
     if text is not None:
         mcfg = text.config
         data = replace(data, class_names=[])  # captions are the condition: class folders only hold the files
@@ -243,7 +243,20 @@ def _check_captions(cfg: TrainConfig) -> None:
                          f"with the image's name beside it, or a metadata.jsonl with a {cfg.caption_column!r} column)")
 
 
-def _prepare_text(cfg: TrainConfig, data: ImageSet, base: ModelConfig, log: Callable[[str], None]) -> TextRun | None:
+def _pooled_text(resumed: Resumed) -> bool:
+    """A new text model adds its pooled caption to adaLN (ModelConfig.text_pooled); a run resumed from a
+    state saved before diffcli had that path keeps the architecture it was started with."""
+    if not resumed.tensors:
+        return True
+    try:
+        saved = json.loads(resumed.meta.get("model_config", "{}"))
+    except ValueError:
+        return True  # check_state_fits names the broken field
+    return isinstance(saved, dict) and saved.get("text_pooled") is True
+
+
+def _prepare_text(cfg: TrainConfig, data: ImageSet, base: ModelConfig, log: Callable[[str], None],
+                  pooled: bool = True) -> TextRun | None:
     """Whether the run is text-to-image (--text-encoder auto: when the folder has captions), and its
     vocabulary (builtin) or frozen encoder (a CLIP folder); InputError when one is asked for and no
     image has a caption."""
@@ -275,13 +288,14 @@ def _prepare_text(cfg: TrainConfig, data: ImageSet, base: ModelConfig, log: Call
         tokens = vocab.rows(captions, L)
         log(f"text: {vocab.size - 1:,} words in the vocabulary, {L} tokens per caption")
         mcfg = replace(base, num_classes=0, text_encoder="builtin", context_dim=base.hidden_size, text_length=L,
-                       text_vocab=vocab.size, text_depth=cfg.text_depth).validate()
+                       text_vocab=vocab.size, text_depth=cfg.text_depth, text_pooled=pooled).validate()
         return TextRun(mcfg, TextSpec("builtin", vocab), tokens, prompts)
     from diffcli.clip import ClipTextEncoder
 
     enc = ClipTextEncoder.load(cfg.text_encoder)
     tokens = enc.tokenize(captions, warn=log)
-    mcfg = replace(base, num_classes=0, text_encoder="clip", context_dim=enc.width, text_length=enc.max_length).validate()
+    mcfg = replace(base, num_classes=0, text_encoder="clip", context_dim=enc.width, text_length=enc.max_length,
+                   text_pooled=pooled).validate()
     spec = TextSpec("clip", None, enc.identity["folder"], enc.identity["sha256"])
     log(f"text: CLIP text encoder {cfg.text_encoder} (frozen), width {enc.width}, {enc.max_length} tokens per caption")
     return TextRun(mcfg, spec, tokens, prompts, enc)
