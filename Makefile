@@ -86,13 +86,13 @@ bench: $(BENCH_STAMP)
 # The shipped model: the exact recipe of weights/README.md. The run folder lives outside the
 # repository and `--resume auto` continues an interrupted run. About 9 hours on a 2-core CPU
 # (88 images/s); add TRAIN_FLAGS="--device cuda" on a GPU. DATA is the MNIST test split as an image
-# folder: `python -m diffcli.mnist IDX_DIR DIR` makes one from the MNIST files. It is checked first,
+# folder: `python -m diffcli.data.mnist IDX_DIR DIR` makes one from the MNIST files. It is checked first,
 # so a missing folder fails before anything is installed or created.
 DATA ?= ../shared/data/mnist-10k
 WEIGHTS_RUN ?= ../diffcli-runs/mnist
 TRAIN_FLAGS ?=
 weights:
-	@test -d "$(DATA)" || { echo 'Error: no MNIST folder at $(DATA); make one with python -m diffcli.mnist and pass DATA=path (see weights/README.md)' >&2; exit 4; }
+	@test -d "$(DATA)" || { echo 'Error: no MNIST folder at $(DATA); make one with python -m diffcli.data.mnist and pass DATA=path (see weights/README.md)' >&2; exit 4; }
 	@$(MAKE) --no-print-directory install
 	$(VENV)/bin/diffcli train $(DATA) --out $(WEIGHTS_RUN) --resume auto \
 		--model DiT-M/4 --long-skip --resolution 28 --channels auto --batch-size 256 \
@@ -133,7 +133,7 @@ TEXT_RUNS ?= ../diffcli-runs
 weights-text: install
 	test -d $(TEXT_RUNS)/shapes || $(PY) benchmarks/shapes.py $(TEXT_RUNS)/shapes --per-triple 40 --seed 0
 	$(VENV)/bin/diffcli train $(TEXT_RUNS)/shapes --out $(TEXT_RUNS)/text-shapes --resume auto --preset quick \
-		--guidance 3 --time-limit 90 --save-dtype fp16 --threads 2
+		--guidance 3 --time-limit 45 --save-dtype fp16 --threads 2
 	cp $(TEXT_RUNS)/text-shapes/model.safetensors weights/diffcli-shapes.safetensors
 
 text-bench: install
@@ -146,7 +146,7 @@ text-bench: install
 # call continues where it stopped.
 CURVE_RUNS ?= ../diffcli-runs
 cpu-curve:
-	@test -d "$(DATA)" || { echo 'Error: no MNIST folder at $(DATA); make one with python -m diffcli.mnist and pass DATA=path (see weights/README.md)' >&2; exit 4; }
+	@test -d "$(DATA)" || { echo 'Error: no MNIST folder at $(DATA); make one with python -m diffcli.data.mnist and pass DATA=path (see weights/README.md)' >&2; exit 4; }
 	@$(MAKE) --no-print-directory install
 	$(PY) benchmarks/cpu_curve.py --data $(DATA) --recipe quick --run $(CURVE_RUNS)/curve-quick \
 		--results benchmarks/cpu_curve_quick.json --minutes 5,10,20,30,45

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from diffcli import __version__
-from diffcli.autoencoder import AutoencoderConfig, AutoencoderKL
-from diffcli.autoencoder_file import load_autoencoder
-from diffcli.convert import convert_autoencoder
+from diffcli.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from diffcli.files.autoencoder_file import load_autoencoder
+from diffcli.files.convert import convert_autoencoder
 
 CONFIGS = {
     "f4": AutoencoderConfig(block_out_channels=(64, 128, 256), layers_per_block=2, norm_num_groups=32),

@@ -90,7 +90,7 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
 
 def check_folder(data: Path) -> dict[str, int]:
     """Images per class folder; exits 4 when the folder cannot feed the classifier's held-out slice."""
-    from diffcli.data import find_images
+    from diffcli.data.folder import find_images
 
     if not data.is_dir():
         log(f"Error: no such folder: {data}")
@@ -140,7 +140,7 @@ def train_segment(args: argparse.Namespace, minutes: float, extra: list[str]) ->
 
 def trained_seconds(run: Path) -> float:
     """Training seconds of the run's model file (0 when there is none yet)."""
-    from diffcli.checkpoint import read_model_spec
+    from diffcli.files.checkpoint import read_model_spec
 
     model = run / "model.safetensors"
     return float(read_model_spec(model).training.get("seconds", 0)) if model.exists() else 0.0
@@ -156,7 +156,7 @@ def resume_summary(args: argparse.Namespace, minutes: float) -> dict[str, Any] |
         log(f"Error: the run {args.run} has trained {secs / 60:.1f} minutes, past the {minutes:g}-minute snapshot; "
             f"use another --run for this curve")
         raise SystemExit(2)
-    from diffcli.checkpoint import read_model_spec
+    from diffcli.files.checkpoint import read_model_spec
 
     t = read_model_spec(args.run / "model.safetensors").training
     rows = [json.loads(x) for x in (args.run / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -171,9 +171,9 @@ def score(args: argparse.Namespace, evaluator: Any, samplers: list[str]) -> dict
     """Samples of the run's model.safetensors with each sampler, scored."""
     import torch
 
-    from diffcli.checkpoint import load_model
+    from diffcli.files.checkpoint import load_model
     from diffcli.diffusion import registry
-    from diffcli.images import to_uint8
+    from diffcli.files.images import to_uint8
 
     mf = load_model(args.run / "model.safetensors", torch.device("cpu"))
     mc = mf.config
@@ -211,7 +211,7 @@ def run_curve(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
     from diffcli.eval.evaluate import Evaluator
-    from diffcli.model import ModelConfig
+    from diffcli.models.dit import ModelConfig
     from run import dit_flops
 
     counts = check_folder(args.data)

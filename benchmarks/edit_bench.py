@@ -1,6 +1,6 @@
 """Development tool: how well does `diffcli sample --init-image` edit MNIST digits? (Not part of the package.)
 
-Runs the sample job itself (diffcli.generate.run, as `diffcli sample` does) on digits of the MNIST
+Runs the sample job itself (diffcli.sampling.generate.run, as `diffcli sample` does) on digits of the MNIST
 folder with the shipped model and its defaults (dpm++2m, 15 steps, edm sigmas, guidance 1.5), and
 measures the targets of issue #19 with the classifier `diffcli eval` trains on the folder (diffcli.eval.classifier):
 
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from diffcli import generate  # noqa: E402
-from diffcli.data import load_folder  # noqa: E402
+from diffcli.sampling import generate  # noqa: E402
+from diffcli.data.folder import load_folder  # noqa: E402
 from diffcli.eval import classifier  # noqa: E402
 from diffcli.eval.features import prepare, tensor_image  # noqa: E402
 

@@ -11,7 +11,7 @@
 
     python benchmarks/eval_bench.py [--data ../shared/data/mnist-10k] [--parts correctness,sense,accuracy,speed]
 
-The sense, accuracy and speed parts need the MNIST folder (python -m diffcli.mnist makes one); they
+The sense, accuracy and speed parts need the MNIST folder (python -m diffcli.data.mnist makes one); they
 work in a scratch folder (--work, default a temporary one) and their own eval cache inside it.
 """
 
@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffcli.data import find_images  # noqa: E402
+from diffcli.data.folder import find_images  # noqa: E402
 from diffcli.eval import metrics  # noqa: E402
 
 DIFFCLI = [sys.executable, "-m", "diffcli"]
@@ -226,7 +226,7 @@ def inception_features(data: Path | None, n: int = 6) -> dict:
     from PIL import Image
     from safetensors.torch import save_file
 
-    from diffcli.data import load_rgb
+    from diffcli.data.folder import load_rgb
     from diffcli.eval import features
 
     mod = features._fidelity_inception_module()
@@ -313,7 +313,7 @@ def main() -> None:
     data = Path(a.data)
     parts = a.parts.split(",")
     if any(p in parts for p in ("sense", "accuracy", "speed")) and not data.is_dir():
-        raise SystemExit(f"Error: no MNIST folder at {data}; make one with python -m diffcli.mnist (see weights/README.md)")
+        raise SystemExit(f"Error: no MNIST folder at {data}; make one with python -m diffcli.data.mnist (see weights/README.md)")
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="diffcli-eval-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {}

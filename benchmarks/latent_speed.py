@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from diffcli.autoencoder import AutoencoderKL, ae_preset_config
-    from diffcli.autoencoder_file import save_autoencoder
+    from diffcli.models.autoencoder import AutoencoderKL, ae_preset_config
+    from diffcli.files.autoencoder_file import save_autoencoder
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffcli.checkpoint import load_model  # noqa: E402
-from diffcli.data import load_folder  # noqa: E402
+from diffcli.files.checkpoint import load_model  # noqa: E402
+from diffcli.data.folder import load_folder  # noqa: E402
 from diffcli.eval.evaluate import Evaluator  # noqa: E402
-from diffcli.images import to_uint8  # noqa: E402
+from diffcli.files.images import to_uint8  # noqa: E402
 from diffcli.diffusion.registry import sample  # noqa: E402
 
 

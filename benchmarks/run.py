@@ -57,7 +57,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn.functional as F
 
-from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
+from diffcli.models.dit import DiT, ModelConfig, count_parameters, preset_config
 from diffcli.diffusion.registry import sample
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training import TrainConfig
@@ -242,7 +242,7 @@ def s2_config() -> ModelConfig:
 
 def shipped_model() -> tuple[ModelConfig, torch.nn.Module]:
     if SHIPPED.exists():
-        from diffcli.checkpoint import load_model
+        from diffcli.files.checkpoint import load_model
 
         mf = load_model(SHIPPED, torch.device("cpu"))
         return mf.config, mf.model.float().eval()
@@ -422,7 +422,7 @@ def cli_figure(ctx: Context, runs: int) -> dict[str, Any]:
                 walls[name].append(w)
                 rss[name].append(r)
     log(f"cli: wall {walls} s, peak RSS {rss} MiB")
-    from diffcli.generate import SampleOptions
+    from diffcli.sampling.generate import SampleOptions
 
     policy = CALLER_OMP_WAIT_POLICY or "unset (libgomp spins)"
     d = SampleOptions()

@@ -46,9 +46,9 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffcli.diffusion import ode
-from diffcli.checkpoint import ModelFile, load_model
+from diffcli.files.checkpoint import ModelFile, load_model
 from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
-from diffcli.images import make_grid, save_png, to_pil, to_uint8
+from diffcli.files.images import make_grid, save_png, to_pil, to_uint8
 from diffcli.diffusion import registry
 from diffcli.diffusion.registry import sample
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(HERE))
 def make_models(preset: str):
     from dataclasses import replace
 
-    from diffcli.model import DiT, preset_config
-    from diffcli.text import Vocabulary
+    from diffcli.models.dit import DiT, preset_config
+    from diffcli.models.text import Vocabulary
     from shapes import SHAPES, COLOURS, caption
 
     base = preset_config(preset, image_height=32, image_width=32, in_channels=3, long_skip=True)

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffcli.checkpoint import load_model  # noqa: E402
+from diffcli.files.checkpoint import load_model  # noqa: E402
 from diffcli.diffusion import ode, registry  # noqa: E402
 from diffcli.diffusion.tune import VALIDATION_BASE, Solver, distance  # noqa: E402
 

@@ -293,7 +293,7 @@ def sample(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results."),
 ) -> None:
     """Turn noise into PNGs with a trained model."""
-    from diffcli import generate
+    from diffcli.sampling import generate
     from diffcli.progress import Progress
     from diffcli.records import line
 
@@ -623,7 +623,7 @@ def convert_autoencoder(
     json_out: bool = typer.Option(False, "--json", help="Print one `result` record (JSON Lines)."),
 ) -> None:
     """Import an existing VAE (diffusers or latent-diffusion layout) as a diffcli autoencoder file."""
-    from diffcli.convert import convert_autoencoder as core
+    from diffcli.files.convert import convert_autoencoder as core
 
     result = run_core(lambda: core(src, out, scaling_factor=scaling_factor, overwrite=overwrite,
                                    norm_num_groups=norm_groups), "convert-autoencoder" if json_out else None)

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffcli import checkpoint
-from diffcli.checkpoint import MODEL_FORMAT, STATE_FORMAT, Header, TensorInfo
+from diffcli.files import checkpoint
+from diffcli.files.checkpoint import MODEL_FORMAT, STATE_FORMAT, Header, TensorInfo
 from diffcli.errors import InputError
-from diffcli.model import PRESETS, ModelConfig
+from diffcli.models.dit import PRESETS, ModelConfig
 
 if TYPE_CHECKING:
     from rich.table import Table

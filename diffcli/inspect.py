@@ -26,7 +26,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from diffcli import images, plot
+from diffcli import plot
+from diffcli.files import images
 from diffcli.diffusion import ode, registry
 from diffcli.diffusion.registry import Tuned
 from diffcli.diffusion.schedule import NoiseSchedule, ScheduleSpec
@@ -90,7 +91,7 @@ def load_schedules(
         if any(v is not None for v in given):
             raise UsageError("--checkpoint reads the schedule from the model file; drop the other schedule options")
         # the model-file code (and the model) is imported only when a model file is asked for
-        from diffcli.checkpoint import read_schedule
+        from diffcli.files.checkpoint import read_schedule
 
         return [read_schedule(checkpoint)]
 
@@ -116,7 +117,7 @@ def load_tuned(checkpoint: Path | None) -> list[Tuned]:
     """The tuned entries of a model file (none without one)."""
     if checkpoint is None:
         return []
-    from diffcli.checkpoint import read_model_spec
+    from diffcli.files.checkpoint import read_model_spec
 
     return read_model_spec(checkpoint).tuned
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffcli import data
-from diffcli.autoencoder_file import AutoencoderFile, load_autoencoder
+from diffcli.data import folder as data
+from diffcli.files.autoencoder_file import AutoencoderFile, load_autoencoder
 from diffcli.errors import InputError, OutputExistsError, UsageError
-from diffcli.images import save_png, to_pil, to_uint8
+from diffcli.files.images import save_png, to_pil, to_uint8
 
 # --------------------------------------------------------------------------------------------------
 # Metrics: pure functions of (B, C, H, W) images in [0, 1]

@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 import torch
 
-from diffcli.model import DiT, ModelConfig
+from diffcli.models.dit import DiT, ModelConfig
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from diffcli.autoencoder import (
+from diffcli.models.autoencoder import (
     AE_PRESETS,
     AutoencoderConfig,
     AutoencoderKL,
@@ -19,13 +19,13 @@ from diffcli.autoencoder import (
     count_flops,
     tensor_shapes,
 )
-from diffcli.autoencoder_file import (
+from diffcli.files.autoencoder_file import (
     AE_FORMAT,
     load_autoencoder,
     read_autoencoder_spec,
     save_autoencoder,
 )
-from diffcli.checkpoint import save_model, write
+from diffcli.files.checkpoint import save_model, write
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.errors import InputError
 from diffcli.validate import Invalid

@@ -1,4 +1,4 @@
-"""diffcli.captions: one caption per image from metadata.jsonl or sidecar .txt files, and captions in
+"""diffcli.data.captions: one caption per image from metadata.jsonl or sidecar .txt files, and captions in
 data.load_folder and its cache.
 
 Every folder is built in tmp_path with PIL; each bad-input test checks the message names the file
@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcli import data
-from diffcli.captions import MAX_CAPTION_BYTES, caption_sources, read_captions
-from diffcli.data import find_images, load_folder
+from diffcli.data import folder as data
+from diffcli.data.captions import MAX_CAPTION_BYTES, caption_sources, read_captions
+from diffcli.data.folder import find_images, load_folder
 from diffcli.errors import InputError
 
 

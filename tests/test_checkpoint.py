@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import diffcli
-from diffcli.checkpoint import MODEL_FORMAT, load_model, read_schedule, save_model, write
+from diffcli.files.checkpoint import MODEL_FORMAT, load_model, read_schedule, save_model, write
 from diffcli.errors import InputError
 from diffcli.diffusion.schedule import NoiseSchedule
 
@@ -247,7 +247,7 @@ def test_a_huge_claimed_model_is_refused_from_the_header_alone(tmp_path, model, 
     before any module is built (DiT is never constructed) and in well under a second."""
     import time
 
-    import diffcli.checkpoint as ckpt
+    import diffcli.files.checkpoint as ckpt
 
     cfg = model.config.to_dict() | {"depth": 1024, "hidden_size": 65536, "num_heads": 16}
     bad = rewrite(model_file, tmp_path / "huge.safetensors", model_config=json.dumps(cfg))

@@ -264,8 +264,8 @@ def test_bad_values_exit_2_with_one_line(args, message):
 
 
 def test_checkpoint_reads_the_stored_schedule(tmp_path):
-    from diffcli.checkpoint import save_model
-    from diffcli.model import DiT, ModelConfig
+    from diffcli.files.checkpoint import save_model
+    from diffcli.models.dit import DiT, ModelConfig
 
     cfg = ModelConfig(image_height=8, image_width=8, in_channels=1, patch_size=4, hidden_size=32, depth=1, num_heads=2)
     stored = NoiseSchedule("cosine", 250, zero_terminal_snr=True)
@@ -305,7 +305,7 @@ def step_models(tmp_path_factory, make_dit):
     out = {}
     for key, schedule in (("cosine", NoiseSchedule("cosine", 1000)),
                           ("short", NoiseSchedule("linear", 500, zero_terminal_snr=True))):
-        from diffcli.checkpoint import save_model
+        from diffcli.files.checkpoint import save_model
 
         out[key] = folder / f"{key}.safetensors"
         save_model(out[key], make_dit(in_channels=1, seed=4), schedule, "v", [])
@@ -329,7 +329,7 @@ SAMPLE_DEFAULT_STEPS = 15  # `sample` without --steps
     ids=lambda o: "-".join(map(str, o.values())) or "defaults",
 )
 def test_inspected_steps_are_the_timesteps_sample_gives_the_model(tmp_path, monkeypatch, step_models, model, options):
-    from diffcli import generate
+    from diffcli.sampling import generate
 
     checkpoint = step_models[model]
     steps = options.get("steps", SAMPLE_DEFAULT_STEPS)

@@ -14,9 +14,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from diffcli.checkpoint import save_model
+from diffcli.files.checkpoint import save_model
 from diffcli.cli import app
-from diffcli.images import read_png_text
+from diffcli.files.images import read_png_text
 from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli.checkpoint import load_model
+from diffcli.files.checkpoint import load_model
 from diffcli.cli import app
 
 runner = CliRunner()

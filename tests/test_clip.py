@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffcli.clip import INSTALL_HINT, ClipTextEncoder, check_identity
+from diffcli.models.clip import INSTALL_HINT, ClipTextEncoder, check_identity
 from diffcli.errors import InputError, UsageError
 
 transformers = pytest.importorskip("transformers")
@@ -301,7 +301,7 @@ def test_load_opens_no_connection(clip_folder, monkeypatch):
 
 
 def test_import_is_cheap():
-    code = "import sys, diffcli.clip; print('transformers' in sys.modules)"
+    code = "import sys, diffcli.models.clip; print('transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False"

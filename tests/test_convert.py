@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffcli.autoencoder import AutoencoderConfig, AutoencoderKL
-from diffcli.autoencoder_file import load_autoencoder, save_autoencoder
-from diffcli.convert import convert_autoencoder, import_autoencoder
+from diffcli.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from diffcli.files.autoencoder_file import load_autoencoder, save_autoencoder
+from diffcli.files.convert import convert_autoencoder, import_autoencoder
 from diffcli.errors import InputError, OutputExistsError, UsageError
 
 CFG = AutoencoderConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4)  # f = 4

@@ -1,4 +1,4 @@
-"""diffcli.data: image folder -> uint8 tensor + labels + class names.
+"""diffcli.data.folder: image folder -> uint8 tensor + labels + class names.
 
 Every image here is built with PIL in tmp_path, so each test states exactly which pixels go in and
 checks which pixels come out.
@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from diffcli import data
-from diffcli.data import find_images, load_folder, load_rgb, parse_resolution
+from diffcli.data import folder as data
+from diffcli.data.folder import find_images, load_folder, load_rgb, parse_resolution
 from diffcli.errors import InputError, UsageError
 
 

@@ -1,4 +1,4 @@
-"""Editing (diffcli.edit): `sample --init-image [--strength] [--mask]`.
+"""Editing (diffcli.sampling.edit): `sample --init-image [--strength] [--mask]`.
 
 The maths against closed forms on a recording toy denoiser (where an edit starts, which timesteps it
 visits, what the known region holds after each step), then the command the way a user runs it on a
@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli import edit, generate, records
+from diffcli import records
+from diffcli.sampling import edit, generate
 from diffcli.diffusion import ode, registry
-from diffcli.checkpoint import save_model
+from diffcli.files.checkpoint import save_model
 from diffcli.cli import app
-from diffcli.images import from_uint8, read_png_text
+from diffcli.files.images import from_uint8, read_png_text
 from diffcli.diffusion.registry import sample
 from diffcli.diffusion.samplers import ImageNoise, Level, Start, ddpm_level, renoise
 from diffcli.diffusion.schedule import NoiseSchedule
@@ -552,7 +553,7 @@ def test_a_bad_edit_record_is_refused(tmp_path, rgb, files, change, message):
     record = json.loads(read_png_text(png)["diffcli"])
     record.update(change)
     record = {k: v for k, v in record.items() if v is not None}
-    from diffcli.images import png_bytes
+    from diffcli.files.images import png_bytes
 
     with Image.open(png) as im:
         (tmp_path / "bad.png").write_bytes(png_bytes(im, {"diffcli": json.dumps(record)}))

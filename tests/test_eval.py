@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffcli import records
-from diffcli.checkpoint import save_model
+from diffcli.files.checkpoint import save_model
 from diffcli.cli import app
 from diffcli.errors import InputError
 from diffcli.eval import cache as eval_cache

@@ -22,10 +22,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli import atomic, checkpoint
-from diffcli.checkpoint import load_model, save_model
+from diffcli import atomic
+from diffcli.files import checkpoint
+from diffcli.files.checkpoint import load_model, save_model
 from diffcli.cli import app, main
-from diffcli.images import read_png_text
+from diffcli.files.images import read_png_text
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training import loop
 from diffcli.training.rundir import trim_metrics

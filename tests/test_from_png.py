@@ -11,9 +11,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
-from diffcli.checkpoint import save_model
+from diffcli.files.checkpoint import save_model
 from diffcli.cli import app
-from diffcli.images import read_png_text
+from diffcli.files.images import read_png_text
 from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()

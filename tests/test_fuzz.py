@@ -36,19 +36,22 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
-from diffcli import atomic, autoencoder as autoencoder_mod, autoencoder_file, checkpoint, convert, data as data_mod
-from diffcli import latents as latents_mod
-from diffcli.autoencoder import AE_PRESETS, AutoencoderConfig, AutoencoderKL, LatentDecoder
-from diffcli.autoencoder_file import load_autoencoder, read_autoencoder_spec, save_autoencoder
-from diffcli.checkpoint import LatentSpec, load_model, read_schedule, save_model
+from diffcli import atomic
+from diffcli.models import autoencoder as autoencoder_mod
+from diffcli.files import autoencoder_file, checkpoint, convert
+from diffcli.data import folder as data_mod
+from diffcli.data import latents as latents_mod
+from diffcli.models.autoencoder import AE_PRESETS, AutoencoderConfig, AutoencoderKL, LatentDecoder
+from diffcli.files.autoencoder_file import load_autoencoder, read_autoencoder_spec, save_autoencoder
+from diffcli.files.checkpoint import LatentSpec, load_model, read_schedule, save_model
 from diffcli.cli import main
-from diffcli.convert import import_autoencoder
-from diffcli.data import load_folder
+from diffcli.files.convert import import_autoencoder
+from diffcli.data.folder import load_folder
 from diffcli.errors import InputError, UsageError
-from diffcli.images import generation_text, read_png_text
+from diffcli.files.images import generation_text, read_png_text
 from diffcli.info import describe
-from diffcli.latents import load_or_encode
-from diffcli.model import ModelConfig
+from diffcli.data.latents import load_or_encode
+from diffcli.models.dit import ModelConfig
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.autoencoder import AE_STATE_FORMAT, AETrainConfig, train_autoencoder
 from diffcli.training.autoencoder import _modules as _ae_modules, _resume as _ae_resume
@@ -928,7 +931,7 @@ def test_from_png_record_mutants(tmp_path):
     text: recorded_parameters returns checked values (types and ranges as sample needs them) or
     refuses with one line; nothing else."""
     from diffcli.diffusion import registry
-    from diffcli.generate import recorded_parameters
+    from diffcli.sampling.generate import recorded_parameters
 
     good = {"seed": 7, "steps": 15, "sampler": "dpm++2m", "guidance": 1.5, "model_hash": "2fdb805a99",
             "class": "7", "sigmas": "edm", "clip": True, "precision": "fp32", "width": 28, "nfe": 15}

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from diffcli.checkpoint import save_model
+from diffcli.files.checkpoint import save_model
 from diffcli.cli import app
 from diffcli.info import describe
-from diffcli.model import DiT, ModelConfig, preset_config
+from diffcli.models.dit import DiT, ModelConfig, preset_config
 from diffcli.diffusion.schedule import NoiseSchedule
 
 runner = CliRunner()
@@ -130,13 +130,13 @@ def test_no_tensor_is_loaded(models, monkeypatch):
     """info reads the header only: the loaders that read tensor data are not called."""
     import safetensors.torch
 
-    import diffcli.checkpoint
+    import diffcli.files.checkpoint
 
     def refuse(*args, **kwargs):
         raise AssertionError("tensor data was loaded")
 
     for module, name in ((safetensors.torch, "load"), (safetensors.torch, "load_file"),
-                         (diffcli.checkpoint, "read"), (torch, "load")):
+                         (diffcli.files.checkpoint, "read"), (torch, "load")):
         monkeypatch.setattr(module, name, refuse)
     path, model = models["cond"]
     assert info_json(path)["parameters"] == sum(p.numel() for p in model.parameters())

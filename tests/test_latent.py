@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli.autoencoder import AutoencoderConfig, AutoencoderKL
-from diffcli.autoencoder_file import load_autoencoder, save_autoencoder
-from diffcli.checkpoint import load_model, read_header
+from diffcli.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from diffcli.files.autoencoder_file import load_autoencoder, save_autoencoder
+from diffcli.files.checkpoint import load_model, read_header
 from diffcli.cli import app
 
 runner = CliRunner()
@@ -50,8 +50,8 @@ def test_latent_run_caches_posteriors_and_embeds_the_decoder(tmp_path, setup):
     assert "encoding 8 images and their mirror images" in r.stderr
 
     # the cache holds the posterior of every image and of its mirror image, as the autoencoder gives it
-    from diffcli.data import load_folder
-    from diffcli.latents import measured_scale
+    from diffcli.data.folder import load_folder
+    from diffcli.data.latents import measured_scale
 
     ae = load_autoencoder(ae_path)
     pixels = load_folder(data, (16, 16), "3").pixels
@@ -103,7 +103,7 @@ def test_sample_decodes_with_the_embedded_decoder(tmp_path, setup):
 
     # the same image by hand: the sampler over latents with the DiT, then the autoencoder file's decoder
     from diffcli.diffusion.samplers import sample
-    from diffcli.images import to_uint8
+    from diffcli.files.images import to_uint8
 
     mf = load_model(run / "model.safetensors")
     ae = load_autoencoder(ae_path)
@@ -231,7 +231,7 @@ def test_bad_files_for_latent_models(tmp_path, setup, make_dit):
     assert r.exit_code == 4
     _one_error_line(r, str(wide), "8-channel")
     assert not (tmp_path / "s4").exists()
-    from diffcli.checkpoint import save_model
+    from diffcli.files.checkpoint import save_model
     from diffcli.diffusion.schedule import NoiseSchedule
 
     pixel = tmp_path / "pixel.safetensors"

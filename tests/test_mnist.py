@@ -1,4 +1,4 @@
-"""`python -m diffcli.mnist`: tiny synthetic idx files, gzipped and plain, converted and read back.
+"""`python -m diffcli.data.mnist`: tiny synthetic idx files, gzipped and plain, converted and read back.
 
 Run as a user would (a subprocess for the CLI checks: exit code first, then the output), plus the
 Makefile's `weights` target refusing a missing data folder.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffcli.mnist import main
+from diffcli.data.mnist import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def idx_dir(tmp_path) -> Path:
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffcli.mnist", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "diffcli.data.mnist", *map(str, args)], capture_output=True, text=True,
                           timeout=120, check=False, **kwargs)
 
 
@@ -228,7 +228,7 @@ def test_make_weights_without_data_fails_first(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0
     ours = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error: ")]
-    assert ours == [("Error: no MNIST folder at /nonexistent; make one with python -m diffcli.mnist and pass "
+    assert ours == [("Error: no MNIST folder at /nonexistent; make one with python -m diffcli.data.mnist and pass "
                      "DATA=path (see weights/README.md)")]
     assert ours[0] in result.stderr
     assert not run_dir.exists()

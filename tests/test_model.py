@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffcli.errors import UsageError
-from diffcli.model import PRESETS, DiT, ModelConfig, patchify, preset_config, state_dict_shapes, unpatchify
+from diffcli.models.dit import PRESETS, DiT, ModelConfig, patchify, preset_config, state_dict_shapes, unpatchify
 from diffcli.validate import Invalid
 
 

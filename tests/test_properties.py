@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli.checkpoint import save_model
+from diffcli.files.checkpoint import save_model
 from diffcli.cli import app
-from diffcli.data import load_folder
+from diffcli.data.folder import load_folder
 from diffcli.errors import DiffcliError
 from diffcli.diffusion.schedule import NoiseSchedule
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from diffcli import reconstruct as rc
-from diffcli.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
-from diffcli.autoencoder_file import AutoencoderFile, load_autoencoder, save_autoencoder
+from diffcli.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from diffcli.files.autoencoder_file import AutoencoderFile, load_autoencoder, save_autoencoder
 from diffcli.errors import InputError, OutputExistsError, UsageError
 from diffcli.reconstruct import PSNR_CAP, psnr, reconstruct, ssim
 
@@ -357,7 +357,7 @@ def nothing_written(out: Path) -> bool:
 
 
 def test_bad_autoencoder_files(mixed_folder, tmp_path, make_dit):
-    from diffcli.checkpoint import save_model
+    from diffcli.files.checkpoint import save_model
     from diffcli.diffusion.schedule import NoiseSchedule
 
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffcli import records
-from diffcli.checkpoint import save_model
+from diffcli.files.checkpoint import save_model
 from diffcli.cli import app
 from diffcli.diffusion.schedule import NoiseSchedule
 

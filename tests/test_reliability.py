@@ -22,9 +22,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffcli.checkpoint import save_model
+from diffcli.files.checkpoint import save_model
 from diffcli.cli import main
-from diffcli.data import load_folder
+from diffcli.data.folder import load_folder
 from diffcli.diffusion.schedule import NoiseSchedule
 
 DIGITS = [str(i) for i in range(10)]

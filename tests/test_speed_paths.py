@@ -1,6 +1,6 @@
 """The DiT's fast paths compute the same function as a naive reference written out here.
 
-diffcli.model takes a no-autograd CPU path when sampling (in-place modulation and residuals, oneDNN's
+diffcli.models.dit takes a no-autograd CPU path when sampling (in-place modulation and residuals, oneDNN's
 fused linear + tanh-GELU, big batches in chunks) and a plain path under autograd. Both are checked
 against `reference_forward`: every step spelled out from the DiT paper's definitions, in float64,
 from the model's own weights (per-head attention with an explicit softmax, LayerNorm from its mean
@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from diffcli import model as model_module
-from diffcli.model import DiT, DiTBlock, inference_fast_path
+from diffcli.models import dit as model_module
+from diffcli.models.dit import DiT, DiTBlock, inference_fast_path
 
 
 def fused_op_available() -> bool:

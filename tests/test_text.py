@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli.checkpoint import load_model, save_model
+from diffcli.files.checkpoint import load_model, save_model
 from diffcli.cli import app
 from diffcli.diffusion.schedule import NoiseSchedule
-from diffcli.images import read_png_text
-from diffcli.model import CrossAttention, DiT, ModelConfig, state_dict_shapes
-from diffcli.text import PAD, UNK, TextSpec, Vocabulary, words
+from diffcli.files.images import read_png_text
+from diffcli.models.dit import CrossAttention, DiT, ModelConfig, state_dict_shapes
+from diffcli.models.text import PAD, UNK, TextSpec, Vocabulary, words
 from diffcli.validate import Invalid
 
 runner = CliRunner()

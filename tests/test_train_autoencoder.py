@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli import checkpoint, records
-from diffcli.autoencoder import AE_PRESETS, AutoencoderKL, DiagonalGaussian, ae_preset_config
-from diffcli.autoencoder_file import load_autoencoder
+from diffcli import records
+from diffcli.files import checkpoint
+from diffcli.models.autoencoder import AE_PRESETS, AutoencoderKL, DiagonalGaussian, ae_preset_config
+from diffcli.files.autoencoder_file import load_autoencoder
 from diffcli.cli import app
-from diffcli.data import load_folder
+from diffcli.data.folder import load_folder
 from diffcli.errors import Interrupted, UsageError
 from diffcli.training.autoencoder import (
     AE_STATE_FORMAT, AETrainConfig, _split, autoencoder_loss, psnr_batch, train_autoencoder,

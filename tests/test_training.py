@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcli import checkpoint
-from diffcli.checkpoint import load_model
+from diffcli.files import checkpoint
+from diffcli.files.checkpoint import load_model
 from diffcli.errors import DiffcliError, InputError, OutputExistsError, UsageError
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training import TrainConfig, loop, train

@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffcli.checkpoint import load_model, read_header, save_model, with_sampling
+from diffcli.files.checkpoint import load_model, read_header, save_model, with_sampling
 from diffcli.cli import app
 from diffcli.diffusion import ode, registry, tune
 from diffcli.diffusion.registry import Tuned, read_tuned
 from diffcli.diffusion.samplers import Guided
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.errors import UsageError
-from diffcli.images import to_uint8
+from diffcli.files.images import to_uint8
 from diffcli.validate import Invalid
 
 runner = CliRunner()

@@ -153,7 +153,7 @@ def step_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "trailing",
     sigmas: None (the --spacing timesteps), 'karras', 'edm', or the N + 1 values themselves (tuned ones,
     diffcli.diffusion.tune), checked by explicit_sigmas.
 
-    span: only the timesteps [0, span) of the schedule are run (image-to-image, diffcli.edit): the
+    span: only the timesteps [0, span) of the schedule are run (image-to-image, diffcli.sampling.edit): the
     --spacing timesteps are those of an N-step schedule over them, and karras/edm sigmas start at
     sigma(span - 1) instead of sigma_max. None (or T) is the whole schedule."""
     if sigmas is not None and not isinstance(sigmas, str):
@@ -211,7 +211,7 @@ class VEDenoiser:
 
 Step = Callable[[int, int], None]
 
-# Each stepper takes an optional Constraint (diffcli.diffusion.samplers; diffcli.edit's inpainting): after every
+# Each stepper takes an optional Constraint (diffcli.diffusion.samplers; diffcli.sampling.edit's inpainting): after every
 # step it puts back what is known at the new level, and each step but the last is taken
 # times(constraint, ...) times, going back up from sigma_n to sigma with _back in between. Without
 # one, `times` is 1 and _known returns x itself, so a plain run does exactly what it did before.

@@ -11,7 +11,7 @@ Every image gets its own CPU torch.Generator seeded with its own seed, and draws
 then each step's noise from it in order, so an image depends only on its seed (not on the batch it is
 in, the number of images around it, or the device).
 
-Editing (diffcli.edit) enters through two small hooks that every loop here and in diffcli.diffusion.ode takes:
+Editing (diffcli.sampling.edit) enters through two small hooks that every loop here and in diffcli.diffusion.ode takes:
 a `Start` (begin from noised images part way down the schedule instead of from pure noise) and a
 `Constraint` (called after every step with the new x, to put back what is known; it may ask for each
 step to be taken several times, going back up by the forward process in between).
@@ -220,7 +220,7 @@ class ImageNoise:
 
 
 # --------------------------------------------------------------------------------------------------
-# Editing hooks: where a run starts, and what is put back after each step (used by diffcli.edit)
+# Editing hooks: where a run starts, and what is put back after each step (used by diffcli.sampling.edit)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -251,7 +251,7 @@ class Start:
 
 class Constraint(Protocol):
     """Called after every step with x at its new level; returns x with what is known put back (RePaint,
-    Lugmayr et al. 2022: diffcli.edit.Inpaint). Every step but the last (the one to the clean image) is
+    Lugmayr et al. 2022: diffcli.sampling.edit.Inpaint). Every step but the last (the one to the clean image) is
     taken `resample` times, going back up one step with `renoise` in between (1: once)."""
 
     resample: int
@@ -318,7 +318,7 @@ def sample(
 
     labels: (B,) class indices (None: unconditional, the null class when the model has one).
     callback(step_index, total_steps) is called after every step (for progress bars).
-    start, constraint: the editing hooks (see Start and Constraint; diffcli.edit builds them).
+    start, constraint: the editing hooks (see Start and Constraint; diffcli.sampling.edit builds them).
     guidance_interval: guide only at the timesteps whose sigma is in (lo, hi] (see Guided).
     """
     if sampler not in LOOPS:

@@ -219,7 +219,7 @@ class NoiseSchedule:
 
         span: spread the N steps over the timesteps [0, span) only, as if the schedule had span
         timesteps (T above is then span): an image-to-image run that starts part way down (SDEdit,
-        diffcli.edit) still takes N steps. None is the whole schedule.
+        diffcli.sampling.edit) still takes N steps. None is the whole schedule.
         """
         T = self.num_timesteps
         if span is not None:

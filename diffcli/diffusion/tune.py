@@ -271,9 +271,9 @@ def _guided_window(sig: list[float], first: int, last: int) -> tuple[float, floa
 
 
 def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = None) -> TuneResult:
-    from diffcli.checkpoint import load_model, with_sampling
+    from diffcli.files.checkpoint import load_model, with_sampling
     from diffcli.device import resolve_device
-    from diffcli.generate import resolve_classes
+    from diffcli.sampling.generate import resolve_classes
 
     log = log or (lambda message: None)
     started = time.perf_counter()

@@ -12,7 +12,7 @@ decoding them), so a moved or copied folder keeps its cache and an edited image 
 
 Both are files from elsewhere as far as diffcli is concerned: before use, the header, every
 metadata field, the tensors' names, shapes and dtypes, finiteness and a SHA-256 of the tensors are
-checked (as for model files, diffcli/checkpoint.py). A file that fails is never trusted and never
+checked (as for model files, diffcli/files/checkpoint.py). A file that fails is never trusted and never
 an error: a line says why and it is rebuilt. Files are written atomically, only once everything
 they hold has been computed, so a failed run leaves no partial or stale entry behind.
 """
@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from diffcli import checkpoint
+from diffcli.files import checkpoint
 from diffcli.errors import InputError
 from diffcli.eval import classifier, metrics
 from diffcli.eval.features import weights_digest

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from diffcli.data import EXTENSIONS, find_images, load_rgb
+from diffcli.data.folder import EXTENSIONS, find_images, load_rgb
 from diffcli.device import resolve_device
 from diffcli.errors import InputError, UsageError
 from diffcli.eval import cache, classifier, features, metrics
@@ -259,7 +259,7 @@ class EvalResult:
 
 def evaluate(opts: EvalOptions, log: Log | None = None, progress: Progress | None = None) -> EvalResult:
     """Check every input, prepare the real side, draw the samples when SAMPLES is a model file, measure."""
-    from diffcli import checkpoint
+    from diffcli.files import checkpoint
 
     started = time.perf_counter()
     log = log or (lambda message: None)
@@ -309,7 +309,7 @@ def _draw(opts: EvalOptions, model: Path, tmp: Path, device: torch.device, log: 
           progress: Callable[[int, int], None] | None) -> tuple[list[Path], list[str], str]:
     """Sample --num-images images with the model file's defaults (one class after another for a class
     model) into tmp, as `diffcli sample` would: (paths, class names, model hash)."""
-    from diffcli import generate
+    from diffcli.sampling import generate
 
     n = opts.num_images or DEFAULT_MODEL_IMAGES
     sample_opts = generate.SampleOptions(checkpoint=str(model), num_images=n, seed=opts.seed, out=str(tmp),

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcli import __version__, atomic, checkpoint
-from diffcli.autoencoder import AE_PRESETS, AutoencoderKL, ae_preset_config
-from diffcli.autoencoder_file import save_autoencoder
-from diffcli.data import load_folder, parse_resolution
+from diffcli import __version__, atomic
+from diffcli.files import checkpoint
+from diffcli.models.autoencoder import AE_PRESETS, AutoencoderKL, ae_preset_config
+from diffcli.files.autoencoder_file import save_autoencoder
+from diffcli.data.folder import load_folder, parse_resolution
 from diffcli.errors import DiffcliError, InputError, Interrupted, OutputExistsError, UsageError
 from diffcli.training.batches import DataOrder, step_generator
 from diffcli.training.rundir import RunDir, trim_metrics
@@ -329,7 +330,7 @@ def _evaluate(ema: AutoencoderKL, x_all: torch.Tensor, device: torch.device, bat
 
 @torch.no_grad()
 def _preview(ema: AutoencoderKL, x_u8: torch.Tensor, path: Path, device: torch.device) -> None:
-    from diffcli.images import make_grid, save_png, to_pil, to_uint8
+    from diffcli.files.images import make_grid, save_png, to_pil, to_uint8
 
     x = x_u8.to(device).float() / 127.5 - 1
     rec = ema.decode(ema.encode(x).mode()).clamp(-1, 1)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcli.data import ImageSet, parse_resolution
-from diffcli.latents import LatentSet
+from diffcli.data.folder import ImageSet, parse_resolution
+from diffcli.data.latents import LatentSet
 from diffcli.errors import UsageError
-from diffcli.text import PAD
+from diffcli.models.text import PAD
 from diffcli.training.config import TrainConfig
 
 

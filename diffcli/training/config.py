@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from diffcli.data import parse_resolution
+from diffcli.data.folder import parse_resolution
 from diffcli.errors import UsageError
-from diffcli.model import preset_config
+from diffcli.models.dit import preset_config
 
 
 AUTO_WARMUP = 500  # learning-rate warm-up steps of a long run (the shipped recipe's)
@@ -96,8 +96,8 @@ class TrainConfig:
     eval_real: str | None = None  # folder of real images to measure the EMA model's samples against
     eval_images: int = 1000  # samples per evaluation
     time_limit: float | None = None  # minutes of training (all runs of the folder together); None: --steps only
-    autoencoder: str | None = None  # an autoencoder file: train on its latents (diffcli/latents.py)
-    # text-to-image (diffcli/text.py, diffcli/captions.py): captions from .txt sidecars or metadata.jsonl
+    autoencoder: str | None = None  # an autoencoder file: train on its latents (diffcli/data/latents.py)
+    # text-to-image (diffcli/models/text.py, diffcli/data/captions.py): captions from .txt sidecars or metadata.jsonl
     text_encoder: str = "auto"  # auto (builtin when the folder has captions), none, builtin, or a CLIP folder
     caption_column: str = "text"  # metadata.jsonl's column
     caption_dropout: float = 0.1  # captions replaced by the null caption, for classifier-free guidance

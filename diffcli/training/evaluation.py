@@ -21,8 +21,8 @@ import torch
 from diffcli import atomic
 from diffcli.diffusion import registry
 from diffcli.eval.evaluate import Evaluator, resolve_features
-from diffcli.images import to_uint8
-from diffcli.model import DiT
+from diffcli.files.images import to_uint8
+from diffcli.models.dit import DiT
 from diffcli.diffusion.registry import sample
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.config import TrainConfig

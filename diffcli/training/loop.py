@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 import torch
 
-from diffcli import __version__, atomic, checkpoint
-from diffcli.data import ImageSet, load_folder, parse_resolution
+from diffcli import __version__, atomic
+from diffcli.files import checkpoint
+from diffcli.data.folder import ImageSet, load_folder, parse_resolution
 from diffcli.device import resolve_precision
 from diffcli.errors import DiffcliError, InputError, Interrupted, UsageError
-from diffcli.model import DiT, ModelConfig, count_parameters, preset_config
+from diffcli.models.dit import DiT, ModelConfig, count_parameters, preset_config
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.batches import Batch, Batches
 from diffcli.training.config import QUICK_TIP_IMAGES, TrainConfig
@@ -167,7 +168,7 @@ def _check_autoencoder(cfg: TrainConfig, H: int, W: int):
     channels fit --channels, the resolution is a multiple of its factor and the latent of the patch size."""
     if not cfg.autoencoder:
         return None
-    from diffcli.autoencoder_file import read_autoencoder_spec
+    from diffcli.files.autoencoder_file import read_autoencoder_spec
 
     spec = read_autoencoder_spec(cfg.autoencoder)
     ae, path = spec.config, cfg.autoencoder
@@ -182,13 +183,13 @@ def _check_autoencoder(cfg: TrainConfig, H: int, W: int):
 
 def _prepare_latents(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device, data: ImageSet,
                      log: Callable[[str], None], progress: Callable[[int, int], None] | None):
-    """The cached posterior of every image (diffcli/latents.py; process 0 encodes, the others read),
+    """The cached posterior of every image (diffcli/data/latents.py; process 0 encodes, the others read),
     and what the model file embeds: the decoder and its settings."""
-    from diffcli.autoencoder import LatentDecoder
-    from diffcli.autoencoder_file import load_autoencoder
-    from diffcli.checkpoint import LatentSpec
-    from diffcli.data import _digest
-    from diffcli.latents import load_or_encode
+    from diffcli.models.autoencoder import LatentDecoder
+    from diffcli.files.autoencoder_file import load_autoencoder
+    from diffcli.files.checkpoint import LatentSpec
+    from diffcli.data.folder import _digest
+    from diffcli.data.latents import load_or_encode
 
     ae = load_autoencoder(cfg.autoencoder, device)
     digest = _digest(data.pixels, data.labels)
@@ -216,10 +217,10 @@ class TextRun:
     row of every image, the prompts of the preview grid, and a frozen CLIP encoder if one is used."""
 
     config: ModelConfig
-    spec: Any  # diffcli.text.TextSpec
+    spec: Any  # diffcli.models.text.TextSpec
     tokens: torch.Tensor  # (N, L) int64, PAD-padded; an image without a caption: all PAD (the null caption)
     prompts: list[str]  # up to PREVIEW_PROMPTS distinct captions, in file order
-    clip: Any = None  # diffcli.clip.ClipTextEncoder for a CLIP run
+    clip: Any = None  # diffcli.models.clip.ClipTextEncoder for a CLIP run
 
 
 PREVIEW_PROMPTS = 8
@@ -230,8 +231,8 @@ def _check_captions(cfg: TrainConfig) -> None:
     encoder asked for where no image has a caption, and --eval-every with a text model."""
     if cfg.text_encoder == "none" or cfg.unconditional or not (cfg.text_encoder != "auto" or cfg.eval_every):
         return
-    from diffcli.captions import read_captions
-    from diffcli.data import find_images
+    from diffcli.data.captions import read_captions
+    from diffcli.data.folder import find_images
 
     files, _, _ = find_images(cfg.data_dir)
     if files and any(c is not None for c in read_captions(Path(cfg.data_dir), files, cfg.caption_column)):
@@ -260,7 +261,7 @@ def _prepare_text(cfg: TrainConfig, data: ImageSet, base: ModelConfig, log: Call
     """Whether the run is text-to-image (--text-encoder auto: when the folder has captions), and its
     vocabulary (builtin) or frozen encoder (a CLIP folder); InputError when one is asked for and no
     image has a caption."""
-    from diffcli.text import TextSpec, Vocabulary, words
+    from diffcli.models.text import TextSpec, Vocabulary, words
 
     captions = data.captions
     if cfg.text_encoder == "none" or captions is None:
@@ -290,7 +291,7 @@ def _prepare_text(cfg: TrainConfig, data: ImageSet, base: ModelConfig, log: Call
         mcfg = replace(base, num_classes=0, text_encoder="builtin", context_dim=base.hidden_size, text_length=L,
                        text_vocab=vocab.size, text_depth=cfg.text_depth, text_pooled=pooled).validate()
         return TextRun(mcfg, TextSpec("builtin", vocab), tokens, prompts)
-    from diffcli.clip import ClipTextEncoder
+    from diffcli.models.clip import ClipTextEncoder
 
     enc = ClipTextEncoder.load(cfg.text_encoder)
     tokens = enc.tokenize(captions, warn=log)
@@ -506,7 +507,7 @@ def preview(ema: DiT, schedule: NoiseSchedule, cfg: TrainConfig, class_names: li
     """A grid from a fixed seed with the EMA weights: one row per class (per_class images each), or
     16 images for an unconditional model; a text model: one row per prompt taken from the captions,
     which are written beside the grid (same name, .txt), a line per row."""
-    from diffcli.images import make_grid, save_png, to_pil, to_uint8
+    from diffcli.files.images import make_grid, save_png, to_pil, to_uint8
     from diffcli.diffusion.samplers import sample
 
     K = len(class_names)
@@ -546,7 +547,7 @@ def _prompt_rows(text: TextRun, model: DiT) -> torch.Tensor:
 
 
 def _null_row(model: DiT) -> torch.Tensor:
-    from diffcli.text import PAD
+    from diffcli.models.text import PAD
 
     return torch.full((1, model.config.text_length), PAD, dtype=torch.long)
 

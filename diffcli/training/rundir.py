@@ -9,10 +9,11 @@ from typing import Any, Callable
 
 import torch
 
-from diffcli import atomic, checkpoint
-from diffcli.data import ImageSet
+from diffcli import atomic
+from diffcli.files import checkpoint
+from diffcli.data.folder import ImageSet
 from diffcli.errors import InputError, OutputExistsError, UsageError
-from diffcli.model import DiT, ModelConfig
+from diffcli.models.dit import DiT, ModelConfig
 from diffcli.diffusion.schedule import NoiseSchedule
 from diffcli.training.config import TrainConfig
 
@@ -170,7 +171,7 @@ class Checkpointer:
     model_config: ModelConfig
     schedule: NoiseSchedule
     latent: tuple[Any, Any] | None = None  # a latent run: (checkpoint.LatentSpec, its LatentDecoder)
-    text: Any = None  # a text-to-image run: its diffcli.text.TextSpec
+    text: Any = None  # a text-to-image run: its diffcli.models.text.TextSpec
 
     def save(self, step: int, model: DiT, ema: DiT, opt: torch.optim.Optimizer, elapsed: Callable[[], float],
              final: bool = False) -> None:

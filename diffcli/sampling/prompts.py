@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from diffcli.errors import InputError, UsageError
-from diffcli.text import PAD
+from diffcli.models.text import PAD
 
 MAX_PROMPT_CHARS = 4096  # per prompt; a longer line in --prompts is refused (the model reads its first words only)
 MAX_PROMPTS_FILE = 16 * 1024 * 1024
@@ -120,7 +120,7 @@ def load_text_encoder(mf: Any, folder: str | None, ckpt: Path) -> None:
     if folder is None:
         raise UsageError(f"{ckpt} reads prompts with the CLIP text encoder {mf.text.folder!r} (model.safetensors "
                          f"sha256 {mf.text.sha256[:12]}...): give its folder with --text-encoder PATH")
-    from diffcli.clip import ClipTextEncoder, check_identity
+    from diffcli.models.clip import ClipTextEncoder, check_identity
 
     enc = ClipTextEncoder.load(folder)
     check_identity(enc, {"folder": mf.text.folder, "sha256": mf.text.sha256})

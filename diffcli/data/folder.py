@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from diffcli.captions import caption_sources, is_caption, read_captions
+from diffcli.data.captions import caption_sources, is_caption, read_captions
 from diffcli.errors import InputError, UsageError
 from diffcli.validate import Invalid, check_names, describe
 
@@ -241,7 +241,7 @@ def load_folder(
 
 
 def _write_cache(path: str | Path, key: str, s: ImageSet) -> None:
-    from diffcli import checkpoint
+    from diffcli.files import checkpoint
 
     meta = {"key": key, "class_names": s.class_names, "files": s.files, "skipped": s.skipped,
             "sha256": _digest(s.pixels, s.labels, s.captions)}
@@ -298,7 +298,7 @@ def _checked_cache(path: str | Path, expect: _CacheExpect) -> ImageSet:
     """The cache's header, metadata and tensors against what this folder gives: the file list (those
     cached and those skipped, in order), the class names, every label, the image size and channels,
     and the captions when asked for (one per cached image, each None or a caption as captions.py reads)."""
-    from diffcli import checkpoint
+    from diffcli.files import checkpoint
 
     header, data = checkpoint.read_header(path, CACHE_FORMAT, "data cache")
     meta = header.meta

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from diffcli.autoencoder import DECODER_PARTS, AutoencoderConfig, AutoencoderKL, tensor_shapes  # noqa: F401
-from diffcli.checkpoint import (
+from diffcli.models.autoencoder import DECODER_PARTS, AutoencoderConfig, AutoencoderKL, tensor_shapes  # noqa: F401
+from diffcli.files.checkpoint import (
     Expected, Header, check_finite, load_tensors, meta_json, read_header, tensor_problem, write,
 )
 from diffcli.errors import InputError

@@ -1,6 +1,6 @@
 """The MNIST idx files -> an image folder (one subfolder per label) that `diffcli train` reads.
 
-    python -m diffcli.mnist IDX_DIR OUT_DIR [--split test|train|both] [--limit N] [--overwrite]
+    python -m diffcli.data.mnist IDX_DIR OUT_DIR [--split test|train|both] [--limit N] [--overwrite]
 
 IDX_DIR holds the files of the MNIST database (LeCun, Cortes and Burges), gzipped or not, of the
 splits asked for: train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
@@ -212,19 +212,19 @@ def convert(
 
 
 # --------------------------------------------------------------------------------------------------
-# python -m diffcli.mnist
+# python -m diffcli.data.mnist
 # --------------------------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like the diffcli command
-        print(f"Error: {message} (see 'python -m diffcli.mnist --help')", file=sys.stderr)
+        print(f"Error: {message} (see 'python -m diffcli.data.mnist --help')", file=sys.stderr)
         raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
-        prog="python -m diffcli.mnist",
+        prog="python -m diffcli.data.mnist",
         description="Convert the MNIST idx files (gzipped or not) into an image folder with one subfolder "
         "per digit, for `diffcli train`. Exit codes: 0 ok, 1 cannot write, 2 usage, 3 OUT_DIR not empty, "
         "4 a missing or bad idx file, 130 interrupted.",

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from diffcli.autoencoder import AutoencoderConfig, AutoencoderKL, tensor_shapes
-from diffcli.autoencoder_file import save_autoencoder
-from diffcli.checkpoint import (
+from diffcli.models.autoencoder import AutoencoderConfig, AutoencoderKL, tensor_shapes
+from diffcli.files.autoencoder_file import save_autoencoder
+from diffcli.files.checkpoint import (
     _MAX_HEADER,
     TensorInfo,
     _check_entries,

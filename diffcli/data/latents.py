@@ -25,8 +25,8 @@ from typing import Callable
 
 import torch
 
-from diffcli import checkpoint
-from diffcli.autoencoder_file import AutoencoderFile
+from diffcli.files import checkpoint
+from diffcli.files.autoencoder_file import AutoencoderFile
 from diffcli.errors import InputError
 from diffcli.validate import describe
 

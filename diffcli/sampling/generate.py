@@ -13,12 +13,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from diffcli import __version__, edit, prompts
-from diffcli.prompts import MAX_PROMPT_CHARS
-from diffcli.checkpoint import ModelFile, load_model
+from diffcli import __version__
+from diffcli.sampling import edit, prompts
+from diffcli.sampling.prompts import MAX_PROMPT_CHARS
+from diffcli.files.checkpoint import ModelFile, load_model
 from diffcli.device import autocast_denoiser, resolve_device, resolve_precision
 from diffcli.errors import InputError, OutputExistsError, UsageError
-from diffcli.images import generation_text, make_grid, save_png, to_pil, to_uint8
+from diffcli.files.images import generation_text, make_grid, save_png, to_pil, to_uint8
 from diffcli.diffusion import ode, registry
 from diffcli.diffusion.registry import sample
 
@@ -38,7 +39,7 @@ def default_checkpoint() -> Path:
     env = os.environ.get("DIFFCLI_WEIGHTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "weights" / DEFAULT_WEIGHTS
+    return Path(__file__).resolve().parents[2] / "weights" / DEFAULT_WEIGHTS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class SampleOptions:
     from_png: str | None = None  # set when the options were read from this PNG's parameters (in the --json record)
     expect_model_hash: str | None = None  # --from-png: the model hash the PNG records
     force: bool = False  # --from-png: render with a model of another hash
-    # editing (diffcli.edit): image-to-image from init_image, inpainting with a mask as well
+    # editing (diffcli.sampling.edit): image-to-image from init_image, inpainting with a mask as well
     init_image: str | None = None  # a file, or a folder (one image per file in it)
     strength: float | None = None  # edit.DEFAULT_STRENGTH, or edit.MASK_STRENGTH with a mask
     mask: str | None = None  # a file for every init image, or a folder of masks matched by file stem
@@ -186,7 +187,7 @@ def _recorded_fields() -> tuple:
         field("eta", float, min=0, max=1, default=None),
         field("clip", bool, default=None),
         field("precision", str, choices=("fp32", "bf16", "fp16"), default=None),
-        # an edit (diffcli.edit): the files it was made from, by path and hash, and how
+        # an edit (diffcli.sampling.edit): the files it was made from, by path and hash, and how
         field("init_image", str, max_len=4096, default=None),
         field("init_sha256", str, max_len=64, default=None),
         field("strength", float, gt=0, max=1, default=None),
@@ -222,7 +223,7 @@ def _check_edit_record(rec: dict[str, Any], path: Path) -> None:
 def recorded_parameters(path: str | Path) -> dict[str, Any]:
     """The generation parameters diffcli embedded in a PNG, checked field by field (InputError, exit 4,
     naming what is missing or wrong); fields a version of diffcli did not record are None."""
-    from diffcli.images import read_png_text
+    from diffcli.files.images import read_png_text
     from diffcli.validate import Invalid, check_record, parse_json
 
     path = Path(path)
@@ -478,8 +479,8 @@ def plan(opts: SampleOptions) -> Plan:
 def swap_decoder(mf: ModelFile, path: str, device: torch.device) -> None:
     """Decode a latent model's samples with another autoencoder file's decoder: one for the same latent
     space (the same latent channels and factor, e.g. a decoder fine-tuned further), at the model's scale."""
-    from diffcli.autoencoder import LatentDecoder
-    from diffcli.autoencoder_file import load_autoencoder
+    from diffcli.models.autoencoder import LatentDecoder
+    from diffcli.files.autoencoder_file import load_autoencoder
 
     ae = load_autoencoder(path, device)
     want, got = mf.latent.config, ae.config  # type: ignore[union-attr]

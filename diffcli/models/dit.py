@@ -40,7 +40,7 @@ class ModelConfig:
     learn_sigma: bool = False  # Improved DDPM: a second output half interpolates the log variance
     long_skip: bool = False  # U-ViT (Bao et al. 2023): concat-and-project skips shallow -> deep
     # a text-to-image model (PixArt-alpha style cross-attention to caption tokens in every block):
-    text_encoder: str = ""  # "" (class/unconditional model), "builtin" (diffcli.text, trained jointly) or "clip" (frozen)
+    text_encoder: str = ""  # "" (class/unconditional model), "builtin" (diffcli.models.text, trained jointly) or "clip" (frozen)
     context_dim: int = 0  # width of the text features the blocks attend to
     text_length: int = 0  # tokens per caption
     text_vocab: int = 0  # builtin: rows of the word embedding table (the vocabulary and UNK)
@@ -56,7 +56,7 @@ class ModelConfig:
 
     @property
     def text(self) -> bool:
-        """A text-to-image model: its condition y is a (B, text_length) token row per image (diffcli.text)."""
+        """A text-to-image model: its condition y is a (B, text_length) token row per image (diffcli.models.text)."""
         return bool(self.text_encoder)
 
     @property
@@ -447,7 +447,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         if cfg.text_encoder == "builtin":
-            from diffcli.text import TextEncoder
+            from diffcli.models.text import TextEncoder
 
             self.text_encoder = TextEncoder(cfg.text_vocab, cfg.text_length, cfg.context_dim, cfg.text_depth)
         # a frozen CLIP text encoder is not part of the model (nor of its file): load_model attaches it
@@ -504,10 +504,10 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W), t: (B,) timesteps (float allowed), y: (B,) labels, null class = unconditional;
-        a text model: y (B, text_length) token rows (diffcli.text), all PAD = the null caption."""
+        a text model: y (B, text_length) token rows (diffcli.models.text), all PAD = the null caption."""
         B = x.shape[0]
         if y is None and self.config.text:
-            from diffcli.text import PAD
+            from diffcli.models.text import PAD
 
             y = torch.full((B, self.config.text_length), PAD, dtype=torch.long, device=x.device)
         elif y is None:
@@ -568,7 +568,7 @@ def state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "y_embedder.table.weight": (K + 1, D),
     }
     if cfg.text_encoder == "builtin":
-        from diffcli.text import encoder_shapes
+        from diffcli.models.text import encoder_shapes
 
         shapes = encoder_shapes(cfg.text_vocab, cfg.text_length, cfg.context_dim, cfg.text_depth)
         out |= {f"text_encoder.{k}": v for k, v in shapes.items()}

@@ -153,10 +153,10 @@ class ClipTextEncoder:
         return self.features(self.tokenize(prompts, warn))
 
     def tokenize(self, prompts: list[str | None], warn: Callable[[str], None] | None = None) -> torch.Tensor:
-        """(B, L) token ids, diffcli.text.PAD after each prompt's end token; None (no caption) gives an
+        """(B, L) token ids, diffcli.models.text.PAD after each prompt's end token; None (no caption) gives an
         all-PAD row, the denoiser's null caption. A prompt longer than the context keeps its first tokens,
         with a warning."""
-        from diffcli.text import PAD
+        from diffcli.models.text import PAD
 
         L = self.max_length
         texts = [p for p in prompts if p is not None]
@@ -179,7 +179,7 @@ class ClipTextEncoder:
         """Token rows (B, L) from tokenize -> features (B, L, width) float32 and the mask (B, L) of real
         tokens. Rows seen before come from a small cache: sampling asks for the same prompts at every step,
         training for the same captions every epoch."""
-        from diffcli.text import PAD
+        from diffcli.models.text import PAD
 
         mask = tokens != PAD
         if not len(tokens):

@@ -2,7 +2,7 @@
 
 Module and parameter names follow diffusers' `AutoencoderKL` (DownEncoderBlock2D / UpDecoderBlock2D,
 one UNetMidBlock2D with a single-head attention), so a diffusers state dict loads as it is and a
-latent-diffusion single file loads after the renaming in diffcli/convert.py. The layout, for
+latent-diffusion single file loads after the renaming in diffcli/files/convert.py. The layout, for
 block_out_channels (c0, c1, ..., cL) and f = 2**L:
 
     encoder: conv_in -> down_blocks[i] (resnets x layers_per_block, then a stride-2 conv but on the last)

@@ -34,11 +34,11 @@ import torch
 
 from diffcli import __version__, atomic
 from diffcli.errors import InputError
-from diffcli.autoencoder import DECODER_PARTS, AutoencoderConfig, LatentDecoder, tensor_shapes
-from diffcli.model import DiT, ModelConfig, state_dict_shapes
+from diffcli.models.autoencoder import DECODER_PARTS, AutoencoderConfig, LatentDecoder, tensor_shapes
+from diffcli.models.dit import DiT, ModelConfig, state_dict_shapes
 from diffcli.diffusion.registry import Tuned, read_tuned
 from diffcli.diffusion.schedule import NoiseSchedule
-from diffcli.text import TextSpec
+from diffcli.models.text import TextSpec
 from diffcli.validate import Invalid, check_names, check_record, check_scalars, describe, parse_json
 from diffcli.validate import field as spec
 

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffcli.data import EXTENSIONS, load_rgb, luma, resize_crop
+from diffcli.data.folder import EXTENSIONS, load_rgb, luma, resize_crop
 from diffcli.errors import InputError, UsageError
-from diffcli.images import from_uint8
+from diffcli.files.images import from_uint8
 from diffcli.diffusion.samplers import Level, Start
 from diffcli.diffusion.schedule import NoiseSchedule
 
