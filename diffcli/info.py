@@ -12,7 +12,6 @@ new kind of model in a model file, such as latent or text-conditioned).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffcli.digest import file_sha256
 from diffcli.files import checkpoint
 from diffcli.files.checkpoint import MODEL_FORMAT, STATE_FORMAT, Header, TensorInfo
 from diffcli.errors import InputError
@@ -66,14 +66,6 @@ class Info:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
-
-
-def file_sha256(path: Path) -> str:
-    try:
-        with path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ tensors the autoencoder needs are read from their byte ranges (a 4 GB checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from diffcli.digest import file_sha256
 from diffcli.models.autoencoder import AutoencoderConfig, AutoencoderKL, tensor_shapes
 from diffcli.files.autoencoder_file import save_autoencoder
 from diffcli.files.checkpoint import (
@@ -172,14 +172,6 @@ def read_tensors(path: Path, infos: dict[str, TensorInfo], start: int, names: di
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from e
     return out
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -402,7 +394,7 @@ def import_autoencoder(src: str | Path, scaling_factor: float | None = None,
         model = AutoencoderKL(cfg)
     model.load_state_dict({k: t.reshape(expected[k]) for k, t in tensors.items()}, strict=True, assign=True)
     model.eval()
-    source |= {"sha256": sha256_of(weights), "ignored_tensors": ignored}
+    source |= {"sha256": file_sha256(weights), "ignored_tensors": ignored}
     return model, scale, source
 
 
@@ -430,5 +422,5 @@ def convert_autoencoder(src: str | Path, out: str | Path, scaling_factor: float 
         "tensors": len(state),
         "parameters": sum(t.numel() for t in state.values()),
         "out": str(out),
-        "sha256": sha256_of(out),
+        "sha256": file_sha256(out),
     }

@@ -13,7 +13,6 @@ is loaded, so importing this module costs nothing without it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from diffcli.digest import file_sha256
 from diffcli.errors import InputError, UsageError
 
 CONFIG = "config.json"
@@ -42,14 +42,6 @@ def _transformers() -> Any:
     except ImportError:
         raise UsageError(INSTALL_HINT) from None
     return transformers
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _short(text: str, limit: int = 200) -> str:

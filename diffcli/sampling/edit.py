@@ -27,7 +27,6 @@ Inpaint in latent space, decode, and `compose` in pixels as here.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffcli.digest import file_sha256
 from diffcli.data.folder import EXTENSIONS, load_rgb, luma, resize_crop
 from diffcli.errors import InputError, UsageError
 from diffcli.files.images import from_uint8
@@ -60,13 +60,9 @@ class EditFiles:
     weight: torch.Tensor | None = None  # (N, 1, H, W) float32 in [0, 1]: 1 = redraw, 0 = keep exactly
 
 
-def file_sha256(path: Path) -> str:
+def short_sha256(path: Path) -> str:
     """First 10 hex digits of the file's SHA-256 (as diffcli's model hash)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
+    return file_sha256(path)[:10]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,10 +213,10 @@ def load(init: str | Path, mask: str | Path | None, channels: int, H: int, W: in
         px, size = load_init(p, channels, H, W)
         pixels.append(px)
         sizes.append(size)
-    files = EditFiles(inits=inits, init_sha256=[file_sha256(p) for p in inits], init=torch.stack(pixels))
+    files = EditFiles(inits=inits, init_sha256=[short_sha256(p) for p in inits], init=torch.stack(pixels))
     if masks is not None:
         hard = torch.stack([load_mask(m, p, size, H, W) for m, p, size in zip(masks, inits, sizes)])
-        hashes = {m: file_sha256(m) for m in set(masks)}
+        hashes = {m: short_sha256(m) for m in set(masks)}
         files.masks, files.mask_sha256 = masks, [hashes[m] for m in masks]
         files.weight = feather(hard, mask_blur)
     return files

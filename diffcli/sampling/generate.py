@@ -296,7 +296,7 @@ def _check_recorded_file(path: str, sha: str, what: str, flag: str, png: str | N
     if not p.is_file():
         raise InputError(f"{png} was made from the {what} {path} (sha256 {sha}...), which is missing; "
                          f"give it with {flag}")
-    found = edit.file_sha256(p)
+    found = edit.short_sha256(p)
     if found != sha:
         raise InputError(f"{png} was made from the {what} {path} with sha256 {sha}..., but that file now has "
                          f"{found}...; give the original with {flag}")
