@@ -235,7 +235,7 @@ def test_without_a_caption_column_nothing_changes(tmp_path):
     assert s.captions is None and "captioned" not in s.summary()
     with safe_open(cache, "pt") as f:
         meta = f.metadata()
-    assert "captions" not in meta and meta["sha256"] == data._digest(s.pixels, s.labels)
+    assert "captions" not in meta and meta["sha256"] == data.pixels_digest(s.pixels, s.labels)
 
 
 def test_bad_captions_are_refused_before_anything_is_decoded(tmp_path, monkeypatch):

@@ -244,13 +244,13 @@ def _write_cache(path: str | Path, key: str, s: ImageSet) -> None:
     from diffcli.files import checkpoint
 
     meta = {"key": key, "class_names": s.class_names, "files": s.files, "skipped": s.skipped,
-            "sha256": _digest(s.pixels, s.labels, s.captions)}
+            "sha256": pixels_digest(s.pixels, s.labels, s.captions)}
     if s.captions is not None:
         meta["captions"] = s.captions
     checkpoint.write(path, {"pixels": s.pixels, "labels": s.labels}, meta, CACHE_FORMAT)
 
 
-def _digest(pixels: torch.Tensor, labels: torch.Tensor, captions: list[str | None] | None = None) -> str:
+def pixels_digest(pixels: torch.Tensor, labels: torch.Tensor, captions: list[str | None] | None = None) -> str:
     """SHA-256 of the cached pixels, labels and captions: damage to the data itself is found like damage
     to the metadata (pixel values have no range to check, and an edited caption is still a caption).
     Without captions it is the digest of pixels and labels alone, as caches written before captions."""
@@ -344,7 +344,7 @@ def _checked_cache(path: str | Path, expect: _CacheExpect) -> ImageSet:
     tensors = checkpoint.load_tensors(data, path)
     if tensors["labels"].tolist() != labels:
         raise Invalid("labels differ from the folder's class folders")
-    if meta.get("sha256") != _digest(tensors["pixels"], tensors["labels"], captions):
+    if meta.get("sha256") != pixels_digest(tensors["pixels"], tensors["labels"], captions):
         what = "the pixels, labels or captions" if expect.captions else "the pixels or labels"
         raise Invalid(f"{what} do not match their recorded SHA-256")
     return ImageSet(pixels=tensors["pixels"], labels=tensors["labels"], class_names=names, files=kept,

@@ -33,7 +33,7 @@ from diffcli.files.autoencoder_file import save_autoencoder
 from diffcli.data.folder import load_folder, parse_resolution
 from diffcli.errors import DiffcliError, InputError, Interrupted, OutputExistsError, UsageError
 from diffcli.training.batches import DataOrder, step_generator
-from diffcli.training.rundir import RunDir, trim_metrics
+from diffcli.training.rundir import RunDir, load_optimizer_tensors, optimizer_tensors, trim_metrics
 from diffcli.training.loop import StopFlag
 from diffcli.validate import describe
 
@@ -206,32 +206,13 @@ def _modules(cfg: AETrainConfig, C: int, device: torch.device):
     return model, ema, opt, disc, opt_d
 
 
-def _opt_tensors(prefix: str, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for (name, p) in module.named_parameters():
-        st = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            if key in st:
-                out[f"{prefix}.{key}.{name}"] = torch.as_tensor(st[key]).float().reshape(() if key == "step" else p.shape)
-    return out
-
-
-def _load_opt(prefix: str, tensors: dict[str, torch.Tensor], module: nn.Module, opt: torch.optim.Optimizer) -> None:
-    for name, p in module.named_parameters():
-        key = f"{prefix}.exp_avg.{name}"
-        if key in tensors:
-            opt.state[p] = {"step": tensors[f"{prefix}.step.{name}"].float().reshape(()),
-                            "exp_avg": tensors[key].to(p.device, p.dtype),
-                            "exp_avg_sq": tensors[f"{prefix}.exp_avg_sq.{name}"].to(p.device, p.dtype)}
-
-
 def _state(model, ema, opt, disc, opt_d) -> dict[str, torch.Tensor]:
     t = {f"model.{k}": v for k, v in model.state_dict().items()}
     t |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    t |= _opt_tensors("opt", model, opt)
+    t |= optimizer_tensors("opt", model, opt)
     if disc is not None:
         t |= {f"disc.{k}": v for k, v in disc.state_dict().items()}
-        t |= _opt_tensors("opt_d", disc, opt_d)
+        t |= optimizer_tensors("opt_d", disc, opt_d)
     return t
 
 
@@ -311,10 +292,10 @@ def _resume(cfg: AETrainConfig, run: RunDir, model, ema, opt, disc, opt_d) -> tu
 
     model.load_state_dict(sub("model."))
     ema.load_state_dict(sub("ema."))
-    _load_opt("opt", tensors, model, opt)
+    load_optimizer_tensors("opt", tensors, model, opt)
     if disc is not None:
         disc.load_state_dict(sub("disc."))
-        _load_opt("opt_d", tensors, disc, opt_d)
+        load_optimizer_tensors("opt_d", tensors, disc, opt_d)
     return path, step, seconds
 
 

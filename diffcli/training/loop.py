@@ -188,11 +188,11 @@ def _prepare_latents(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.devic
     from diffcli.models.autoencoder import LatentDecoder
     from diffcli.files.autoencoder_file import load_autoencoder
     from diffcli.files.checkpoint import LatentSpec
-    from diffcli.data.folder import _digest
+    from diffcli.data.folder import pixels_digest
     from diffcli.data.latents import load_or_encode
 
     ae = load_autoencoder(cfg.autoencoder, device)
-    digest = _digest(data.pixels, data.labels)
+    digest = pixels_digest(data.pixels, data.labels)
     path = run.root / "latents.safetensors"
     if d.main:  # (only process 0 writes in the run folder: another's clean-up could remove its temporary file)
         run.root.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from diffcli import atomic
 from diffcli.files import checkpoint
@@ -71,16 +72,37 @@ def trim_metrics(path: Path, last_step: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def state_tensors(model: DiT, ema: DiT, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    names = [n for n, _ in model.named_parameters()]
-    for name, p in zip(names, opt.param_groups[0]["params"]):
+def optimizer_tensors(prefix: str, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's state for module's parameters as named tensors: {prefix}.exp_avg.NAME, .exp_avg_sq.NAME,
+    .step.NAME (none before the first step). Shared by train and train-autoencoder."""
+    out = {}
+    for name, p in module.named_parameters():
         st = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in st:
-                tensors[f"opt.{key}.{name}"] = torch.as_tensor(st[key]).float()
-    return tensors
+                out[f"{prefix}.{key}.{name}"] = torch.as_tensor(st[key]).float().reshape(() if key == "step" else p.shape)
+    return out
+
+
+def load_optimizer_tensors(prefix: str, tensors: dict[str, torch.Tensor], module: nn.Module,
+                           opt: torch.optim.Optimizer) -> None:
+    """The inverse of optimizer_tensors: parameters without saved state start fresh."""
+    for name, p in module.named_parameters():
+        key = f"{prefix}.exp_avg.{name}"
+        if key in tensors:
+            # fused (CUDA) AdamW keeps its step counter on the parameter's device, the plain one on the CPU
+            step_device = p.device if opt.defaults.get("fused") else torch.device("cpu")
+            opt.state[p] = {
+                "step": tensors[f"{prefix}.step.{name}"].to(torch.float32).reshape(()).to(step_device),
+                "exp_avg": tensors[key].to(p.device, p.dtype),
+                "exp_avg_sq": tensors[f"{prefix}.exp_avg_sq.{name}"].to(p.device, p.dtype),
+            }
+
+
+def state_tensors(model: DiT, ema: DiT, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    return tensors | optimizer_tensors("opt", model, opt)
 
 
 def load_state_tensors(tensors: dict[str, torch.Tensor], model: DiT, ema: DiT, opt: torch.optim.Optimizer) -> None:
@@ -89,17 +111,7 @@ def load_state_tensors(tensors: dict[str, torch.Tensor], model: DiT, ema: DiT, o
 
     model.load_state_dict(sub("model."), strict=True)
     ema.load_state_dict(sub("ema."), strict=True)
-    names = [n for n, _ in model.named_parameters()]
-    for name, p in zip(names, opt.param_groups[0]["params"]):
-        key = f"opt.exp_avg.{name}"
-        if key in tensors:
-            # fused (CUDA) AdamW keeps its step counter on the parameter's device, the plain one on the CPU
-            step_device = p.device if opt.defaults.get("fused") else torch.device("cpu")
-            opt.state[p] = {
-                "step": tensors[f"opt.step.{name}"].to(torch.float32).reshape(()).to(step_device),
-                "exp_avg": tensors[key].to(p.device, p.dtype),
-                "exp_avg_sq": tensors[f"opt.exp_avg_sq.{name}"].to(p.device, p.dtype),
-            }
+    load_optimizer_tensors("opt", tensors, model, opt)
 
 
 # --------------------------------------------------------------------------------------------------
