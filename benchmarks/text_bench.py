@@ -86,6 +86,10 @@ def score(expected: list[Triple], judged: list[Triple]) -> dict:
         "triples": len(set(expected)),
         "all_three": share(sum(e == j for e, j in pairs)),
         **{name: share(sum(e[i] == j[i] for e, j in pairs)) for i, name in enumerate(("fg", "bg", "shape"))},
+        # asked shape -> how often each shape (or "none": nothing off the background) was judged
+        "shape_confusion": {asked: {judged: sum(e[2] == a and j[2] == b for e, j in pairs)
+                                    for b, judged in [*enumerate(shapes.SHAPES), (-1, "none")]}
+                            for a, asked in enumerate(shapes.SHAPES)},
     }
 
 
@@ -132,6 +136,12 @@ def report(result: dict) -> str:
         s = result[key]
         rows.append(f"{key.replace('_', ' '):10} {s['images']:7d} {pc(s['all_three']):>10} {pc(s['fg']):>7} "
                     f"{pc(s['bg']):>7} {pc(s['shape']):>7}   {beside[key]}")
+    for key, _ in SETS:
+        conf = result[key].get("shape_confusion")
+        if conf and result[key]["images"]:
+            rows.append(f"{key.replace('_', ' ')} shapes, asked -> judged: " + "; ".join(
+                f"{asked} " + " ".join(f"{judged} {n}" for judged, n in row.items() if n)
+                for asked, row in conf.items() if any(row.values())))
     rows.append("targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in result["targets"].items()))
     secs = result["sampling_seconds"]
     if secs is not None:

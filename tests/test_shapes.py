@@ -179,6 +179,10 @@ def test_text_bench_scores_a_drawn_folder_100_percent(tmp_path, capsys):
     results = tmp_path / "results.json"
     assert text_bench.main(["--real", str(tmp_path / "set"), "--out", str(results)]) == 0
     r = json.loads(results.read_text())
+    for key, n in (("seen", 136), ("held_back", 32)):  # every shape judged as the one asked for
+        confusion = r[key].pop("shape_confusion")
+        assert sum(confusion[s][s] for s in shapes.SHAPES) == n
+        assert sum(sum(row.values()) for row in confusion.values()) == n
     assert r["seen"] == {"images": 136, "triples": 136, "all_three": 1.0, "fg": 1.0, "bg": 1.0, "shape": 1.0}
     assert r["held_back"] == {"images": 32, "triples": 32, "all_three": 1.0, "fg": 1.0, "bg": 1.0, "shape": 1.0}
     assert all(r["targets"].values()) and r["machine"]["torch"] and r["date"].endswith("UTC")
@@ -186,8 +190,13 @@ def test_text_bench_scores_a_drawn_folder_100_percent(tmp_path, capsys):
 
 
 def test_text_bench_scores_each_attribute_apart():
-    s = text_bench.score([(0, 1, 2), (3, 4, 0)], [(0, 1, 1), (3, 4, 0)])
-    assert s == {"images": 2, "triples": 2, "all_three": 0.5, "fg": 1.0, "bg": 1.0, "shape": 0.5}
+    s = text_bench.score([(0, 1, 2), (3, 4, 0), (5, 6, 2)], [(0, 1, 1), (3, 4, 0), (5, 6, -1)])
+    confusion = s.pop("shape_confusion")
+    assert s == {"images": 3, "triples": 3, "all_three": 1 / 3, "fg": 1.0, "bg": 1.0, "shape": 1 / 3}
+    # asked shape -> judged shape: a triangle drawn as a square once, not drawn at all once
+    assert confusion["triangle"] == {"circle": 0, "square": 1, "triangle": 0, "none": 1}
+    assert confusion["circle"] == {"circle": 1, "square": 0, "triangle": 0, "none": 0}
+    assert sum(confusion["square"].values()) == 0
     assert text_bench.score([], [])["all_three"] is None
 
 
