@@ -39,7 +39,7 @@ def make_models(preset: str):
     vocab = Vocabulary.build(captions)
     rows = vocab.rows(captions, 7)
     text_cfg = replace(base, text_encoder="builtin", context_dim=base.hidden_size, text_length=7,
-                       text_vocab=vocab.size, text_depth=2).validate()
+                       text_vocab=vocab.size, text_depth=2, text_pooled=True).validate()  # as train makes a new text model
     class_cfg = replace(base, num_classes=10).validate()
     torch.manual_seed(0)
     return DiT(class_cfg), DiT(text_cfg), rows

@@ -12,6 +12,8 @@ Parts (--parts, comma-separated; all by default):
              benchmarks/diffusers_pipeline.py (a diffusers DiT + DDIM-50 job of the same size), and the
              distance of both settings to the reference (the diffusers job's images are those of DDIM-50,
              computed with diffcli's DDIM on the same model). Target: >= 4x faster at no larger distance.
+             With the quality part, also at equal distance: diffcli given the fewest --steps (of 15, 20,
+             25; sigmas and guidance interval as `sample` picks them) that come as close as DDIM-50.
   tune       the wall time of `diffcli tune MODEL --steps N` with its defaults. Target: under 10 minutes.
 
     python benchmarks/tune_bench.py --checkpoint weights/diffcli-mnist.safetensors --data ../shared/data/mnist-10k
@@ -47,7 +49,33 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def quality(mf, steps: int, seeds: int, ref_steps: int, batch: int) -> dict:
+DDIM_CURVE = (20, 25, 30, 35, 40, 45, 50)  # DDIM step counts: distance against steps, beside the ODE samplers
+OURS_CURVE = (15, 20, 25)  # step counts of `diffcli sample`'s default sampler, with the sigmas it picks
+
+
+def reference(solver: Solver, mf, val: list[int], ref_steps: int, cache: str | None) -> torch.Tensor:
+    """The DDIM reference of the validation seeds, read from / written to a safetensors cache when given
+    (it is most of the quality part's time); the cache names the model hash, seeds and steps it holds."""
+    from safetensors.torch import load_file, save_file
+
+    key = {"model_hash": mf.model_hash, "seeds": f"{val[0]}..{val[-1]}", "reference": f"ddim:{ref_steps}"}
+    if cache and Path(cache).is_file():
+        from safetensors import safe_open
+
+        with safe_open(cache, "pt") as f:
+            if f.metadata() == key:
+                log(f"reference ddim:{ref_steps} read from {cache}")
+                return load_file(cache)["reference"]
+        log(f"{cache} holds another reference; computing it again")
+    t0 = time.perf_counter()
+    ref = solver.images(val, VALIDATION_BASE, ref_steps, "ddim", None)
+    log(f"reference ddim:{ref_steps} on {len(val)} validation seeds: {time.perf_counter() - t0:.0f} s")
+    if cache:
+        save_file({"reference": ref.contiguous()}, cache, metadata=key)
+    return ref
+
+
+def quality(mf, steps: int, seeds: int, ref_steps: int, batch: int, cache: str | None = None) -> dict:
     entry = registry.find_tuned(mf.tuned, registry.DEFAULT_SAMPLER, steps)
     if entry is None:
         raise SystemExit(f"the model has no tuned {registry.DEFAULT_SAMPLER} sigmas at {steps} steps: "
@@ -55,9 +83,7 @@ def quality(mf, steps: int, seeds: int, ref_steps: int, batch: int) -> dict:
     classes = list(range(len(mf.class_names))) or [None]
     solver = Solver(mf, entry.sampler, entry.guidance, classes, batch, torch.device("cpu"))
     val = [VALIDATION_BASE + i for i in range(seeds)]
-    t0 = time.perf_counter()
-    ref = solver.images(val, VALIDATION_BASE, ref_steps, "ddim", None)
-    log(f"reference ddim:{ref_steps} on {seeds} validation seeds: {time.perf_counter() - t0:.0f} s")
+    ref = reference(solver, mf, val, ref_steps, cache)
     rows: dict[str, float] = {}
     more = round(1.5 * steps)
     rows[f"tuned@{steps}"] = distance(solver.images(val, VALIDATION_BASE, steps, sigmas=list(entry.sigmas)), ref)
@@ -67,16 +93,28 @@ def quality(mf, steps: int, seeds: int, ref_steps: int, batch: int) -> dict:
     t15 = registry.find_tuned(mf.tuned, registry.DEFAULT_SAMPLER, more)
     if t15 is not None:
         rows[f"tuned@{more}"] = distance(solver.images(val, VALIDATION_BASE, more, sigmas=list(t15.sigmas)), ref)
-    rows["ddim@50"] = distance(solver.images(val, VALIDATION_BASE, 50, "ddim", None), ref)
+    for n in DDIM_CURVE:
+        rows[f"ddim@{n}"] = distance(solver.images(val, VALIDATION_BASE, n, "ddim", None), ref)
+    # `diffcli sample --steps n` with the default sampler: the sigmas (and guidance interval) it picks itself
+    ours = {}
+    for n in OURS_CURVE:
+        family = registry.resolve_sigmas(registry.DEFAULT_SAMPLER, "auto", n, mf.tuned)
+        found = registry.find_tuned(mf.tuned, registry.DEFAULT_SAMPLER, n) if family == "tuned" else None
+        sig = list(found.sigmas) if found else family
+        ours[n] = distance(solver.images(val, VALIDATION_BASE, n, sigmas=sig,
+                                         interval=found.guidance_interval if found else None), ref)
     best_n = min(registry.FIXED, key=lambda f: rows[f"{f}@{steps}"])
     best_more = min(registry.FIXED, key=lambda f: rows[f"{f}@{more}"])
     improvement = 1 - rows[f"tuned@{steps}"] / rows[f"{best_n}@{steps}"]
     for k, v in rows.items():
         log(f"  {k:>14}: {v:.4f}")
+    for n, v in ours.items():
+        log(f"  sample --steps {n}: {v:.4f}")
     return {"reference": f"ddim:{ref_steps}", "validation_seeds": seeds, "sampler": entry.sampler,
             "guidance": entry.guidance, "distance": {k: round(v, 6) for k, v in rows.items()},
             "best_fixed": f"{best_n}@{steps}", "improvement": round(improvement, 4),
             "target_improvement": 0.30, "met_improvement": improvement >= 0.30,
+            "default_sample": {str(n): round(v, 6) for n, v in ours.items()},
             "best_fixed_at_1_5n": f"{best_more}@{more}",
             "met_1_5n": rows[f"tuned@{steps}"] <= rows[f"{best_more}@{more}"]}
 
@@ -122,29 +160,51 @@ def whole_process(cmd: list[str]) -> float:
 
 
 def e2e(checkpoint: str, images: int, reps: int, quality_rows: dict | None) -> dict:
+    """Whole-process time of `diffcli sample` against the diffusers DDIM-50 job, two ways: diffcli as shipped
+    (its defaults) and, with the quality part's distances, diffcli given the fewest --steps that come as
+    close to the reference as DDIM-50 (equal distance). The default's own distance is reported too: with
+    a stored guidance interval it solves another ODE than the full-guidance reference on purpose, so its
+    distance measures that choice as well as the step error."""
     exe = Path(sys.executable).with_name("diffcli")
     ours = [str(exe) if exe.exists() else sys.executable] + ([] if exe.exists() else ["-m", "diffcli"])
-    times: dict[str, list[float]] = {"diffcli": [], "diffusers": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        cmds = {"diffcli": [*ours, "sample", "-c", checkpoint, "-n", str(images), "--seed", "0", "--out",
-                            f"{tmp}/ours", "--overwrite", "-q"],
-                "diffusers": [sys.executable, str(HERE / "diffusers_pipeline.py"), "-n", str(images), "--steps", "50",
-                              "--out", f"{tmp}/theirs"]}
-        for name, cmd in cmds.items():  # warm-up: file caches, first imports
-            whole_process(cmd)
-        for r in range(reps):
-            for name in (("diffcli", "diffusers") if r % 2 == 0 else ("diffusers", "diffcli")):
-                times[name].append(whole_process(cmds[name]))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["diffusers"] / med["diffcli"]
-    out = {"images": images, "reps": reps, "seconds": {k: [round(s, 2) for s in v] for k, v in times.items()},
-           "median_seconds": {k: round(v, 2) for k, v in med.items()}, "speedup": round(ratio, 2),
-           "met_speed": ratio >= 4}
+    plan = {"default": (None, 50)}  # name -> (diffcli --steps or None for its default, DDIM steps)
+    out: dict = {"images": images, "reps": reps}
     if quality_rows:
-        d = quality_rows["distance"]
-        default = d.get(f"tuned@{registry.DEFAULT_STEPS}", d.get(f"edm@{registry.DEFAULT_STEPS}"))
+        d, mine = quality_rows["distance"], {int(k): v for k, v in quality_rows["default_sample"].items()}
+        default = mine[registry.DEFAULT_STEPS]
         out.update(default_distance=default, ddim50_distance=d["ddim@50"], met_distance=default <= d["ddim@50"])
-    log(f"  e2e: diffcli {med['diffcli']:.1f} s, diffusers DDIM-50 {med['diffusers']:.1f} s: {ratio:.2f}x")
+        if f"tuned@{registry.DEFAULT_STEPS}" in d:
+            out["default_sigmas_full_guidance_distance"] = d[f"tuned@{registry.DEFAULT_STEPS}"]
+        n_ours = next((n for n in sorted(mine) if mine[n] <= d["ddim@50"]), None)
+        if n_ours is not None:
+            plan["diffcli_as_close_as_ddim50"] = (n_ours, 50)
+            out["diffcli_steps_as_close_as_ddim50"] = {"steps": n_ours, "distance": mine[n_ours]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (n_ours, n_ddim) in plan.items():
+            cmds = {"diffcli": [*ours, "sample", "-c", checkpoint, "-n", str(images), "--seed", "0", "--out",
+                                f"{tmp}/ours", "--overwrite", "-q", *([] if n_ours is None else ["--steps", str(n_ours)])],
+                    "diffusers": [sys.executable, str(HERE / "diffusers_pipeline.py"), "-n", str(images),
+                                  "--steps", str(n_ddim), "--out", f"{tmp}/theirs"]}
+            times: dict[str, list[float]] = {"diffcli": [], "diffusers": []}
+            for cmd in cmds.values():  # warm-up: file caches, first imports
+                whole_process(cmd)
+            for r in range(reps):
+                for who in (("diffcli", "diffusers") if r % 2 == 0 else ("diffusers", "diffcli")):
+                    times[who].append(whole_process(cmds[who]))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            ratio = med["diffusers"] / med["diffcli"]
+            row = {"diffcli_steps": n_ours or registry.DEFAULT_STEPS, "ddim_steps": n_ddim,
+                   "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+                   "median_seconds": {k: round(v, 2) for k, v in med.items()}, "speedup": round(ratio, 2)}
+            if name == "default":  # the fields earlier results files had
+                out.update(seconds=row["seconds"], median_seconds=row["median_seconds"], speedup=row["speedup"],
+                           met_speed=ratio >= 4)
+            else:
+                out[name] = row
+            log(f"  e2e {name}: diffcli {row['diffcli_steps']} steps {med['diffcli']:.1f} s, diffusers DDIM-{n_ddim} "
+                f"{med['diffusers']:.1f} s: {ratio:.2f}x")
+    if "diffcli_as_close_as_ddim50" in out:
+        out["met_speed_at_equal_distance"] = out["diffcli_as_close_as_ddim50"]["speedup"] >= 4
     return out
 
 
@@ -165,6 +225,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="N of the quality and tune parts")
     ap.add_argument("--seeds", type=int, default=32, help="validation seeds of the quality part")
     ap.add_argument("--reference-steps", type=int, default=1000)
+    ap.add_argument("--reference-cache", help="a .safetensors file to keep the quality part's reference in")
     ap.add_argument("--interval-images", type=int, default=500)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -176,7 +237,8 @@ def main() -> None:
                  "model_hash": mf.model_hash, "machine": {"cpu": platform.processor() or platform.machine(),
                                                           "torch_threads": torch.get_num_threads()}}
     if "quality" in parts:
-        res["quality"] = quality(mf, args.steps, args.seeds, args.reference_steps, args.batch_size)
+        res["quality"] = quality(mf, args.steps, args.seeds, args.reference_steps, args.batch_size,
+                                 args.reference_cache)
     if "interval" in parts:
         if not args.data:
             raise SystemExit("the interval part needs --data (the class folder for the classifier)")
