@@ -125,8 +125,8 @@ weights-latent:
 
 # The shipped text-to-image model (README "Text-to-image"): the synthetic shapes set of
 # benchmarks/shapes.py (40 images of each of the 136 seen triples; the 32 held-back ones never drawn),
-# then `train --preset quick` on 2 CPU threads to its 10,000 steps (about 2.5 hours on an idle machine;
-# --time-limit 180 is a ceiling, counted across resumes). Run folders go to TEXT_RUNS, outside
+# then `train --preset quick` on 2 CPU threads for 12,431 steps (the shipped run stopped there; about
+# 2.7 hours on an idle machine; --time-limit is a ceiling, counted across resumes). Run folders go to TEXT_RUNS, outside
 # the repository; an interrupted call continues where it stopped. text-bench scores the model with
 # the pixel judge (benchmarks/text_bench.py, seen and held-back triples) and measures the text model's
 # training throughput against the class model's (benchmarks/text_speed.py).
@@ -134,7 +134,7 @@ TEXT_RUNS ?= ../diffcli-runs
 weights-text: install
 	test -d $(TEXT_RUNS)/shapes || $(PY) benchmarks/shapes.py $(TEXT_RUNS)/shapes --per-triple 40 --seed 0
 	$(VENV)/bin/diffcli train $(TEXT_RUNS)/shapes --out $(TEXT_RUNS)/text-shapes --resume auto --preset quick \
-		--guidance 3 --time-limit 180 --save-dtype fp16 --threads 2
+		--guidance 3 --steps 12431 --time-limit 400 --save-dtype fp16 --threads 2
 	cp $(TEXT_RUNS)/text-shapes/model.safetensors weights/diffcli-shapes.safetensors
 
 text-bench: install
