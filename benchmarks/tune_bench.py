@@ -56,7 +56,9 @@ OURS_CURVE = (15, 20, 25)  # step counts of `diffcli sample`'s default sampler, 
 def reference(solver: Solver, mf, val: list[int], ref_steps: int, cache: str | None) -> torch.Tensor:
     """The DDIM reference of the validation seeds, read from / written to a safetensors cache when given
     (it is most of the quality part's time); the cache names the model hash, seeds and steps it holds."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from diffcli import atomic
 
     key = {"model_hash": mf.model_hash, "seeds": f"{val[0]}..{val[-1]}", "reference": f"ddim:{ref_steps}"}
     if cache and Path(cache).is_file():
@@ -71,7 +73,7 @@ def reference(solver: Solver, mf, val: list[int], ref_steps: int, cache: str | N
     ref = solver.images(val, VALIDATION_BASE, ref_steps, "ddim", None)
     log(f"reference ddim:{ref_steps} on {len(val)} validation seeds: {time.perf_counter() - t0:.0f} s")
     if cache:
-        save_file({"reference": ref.contiguous()}, cache, metadata=key)
+        atomic.write_bytes(Path(cache), save({"reference": ref.contiguous()}, metadata=key), overwrite=True)
     return ref
 
 
