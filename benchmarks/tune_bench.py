@@ -235,9 +235,17 @@ def main() -> None:
     args = ap.parse_args()
     parts = args.parts.split(",")
     mf = load_model(args.checkpoint)
-    res: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "checkpoint": args.checkpoint,
-                 "model_hash": mf.model_hash, "machine": {"cpu": platform.processor() or platform.machine(),
-                                                          "torch_threads": torch.get_num_threads()}}
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    res: dict = {"date": now, "dates": {}, "checkpoint": args.checkpoint, "model_hash": mf.model_hash,
+                 "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}}
+    earlier = Path(args.results)
+    if earlier.is_file():  # keep the parts not run now when they measured the same model file
+        old = json.loads(earlier.read_text())
+        if old.get("model_hash") == mf.model_hash:
+            kept = [p for p in ("quality", "interval", "e2e", "tune") if p in old and p not in parts]
+            res["dates"] = {p: old.get("dates", {}).get(p, old.get("date")) for p in kept}
+            res.update({p: old[p] for p in kept})
+    res["dates"].update({p: now for p in parts})
     if "quality" in parts:
         res["quality"] = quality(mf, args.steps, args.seeds, args.reference_steps, args.batch_size,
                                  args.reference_cache)
