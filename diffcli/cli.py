@@ -350,6 +350,7 @@ def tune(
     validation_seeds: int = typer.Option(32, "--validation-seeds", help="Separate seeds the result is judged on."),
     reference: str = typer.Option("dpm++2m:100", "--reference", help="SAMPLER:STEPS of the reference solve, e.g. ddim:1000."),
     max_evaluations: int = typer.Option(200, "--max-evaluations", help="N-step solves of the training seeds the search may spend."),
+    start: Optional[str] = typer.Option(None, "--start", help="Where the search starts: edm, karras, none, or tuned (continue from the file's entry for this sampler and step count).", show_default="the best fixed family on the training seeds"),
     guidance_interval: bool = typer.Option(False, "--guidance-interval", help="Also find where guidance is needed (needs --real); stored with the sigmas."),
     real: Optional[Path] = typer.Option(None, "--real", help="With --guidance-interval: the class folder whose classifier (as diffcli eval) judges the samples."),
     interval_images: int = typer.Option(200, "--interval-images", help="With --guidance-interval: images per accuracy check."),
@@ -379,14 +380,17 @@ def tune(
             torch.set_num_threads(threads)
         opts = TuneOptions(model=str(model), steps=steps, sampler=sampler, guidance=guidance, classes=list(classes),
                            seeds=seeds, validation_seeds=validation_seeds, reference=reference,
-                           max_evaluations=max_evaluations, guidance_interval=guidance_interval,
+                           max_evaluations=max_evaluations, start=start, guidance_interval=guidance_interval,
                            real=str(real) if real else None, interval_images=interval_images,
                            accuracy_tolerance=accuracy_tolerance, out=str(out) if out else None, in_place=in_place,
                            overwrite=overwrite, batch_size=batch_size, device=device,
                            cache=str(cache) if cache else None)
         with Progress("tuning", quiet=quiet, log_every=log_every, json_command="tune" if json_out else None) as bar:
             result = run_tune(opts, log=bar.log, progress=lambda i, n, task: bar.update(i, n, task=task))
-            if not result.better:
+            if result.stored_before:
+                bar.log(f"the tuned sigmas ({result.distance['tuned']:.4f}) are no closer than the ones {model} holds "
+                        f"({result.distance['stored']:.4f}) on the validation seeds: nothing stored")
+            elif not result.better:
                 bar.log(f"the tuned sigmas ({result.distance['tuned']:.4f}) do not beat {result.best_fixed} "
                         f"({result.distance[result.best_fixed]:.4f}) on the validation seeds: nothing stored")
             elif result.stored:

@@ -85,7 +85,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "tune": {
         "result": (("model", "sampler", "steps", "guidance", "reference", "seeds", "validation_seeds", "sigmas",
                     "train_distance", "distance", "best_fixed", "improvement", "start", "better", "stored", "evaluations",
-                    "seconds"), ("guidance_interval", "accuracy", "interval_seconds")),
+                    "seconds", "stored_before"), ("guidance_interval", "accuracy", "interval_seconds")),
         "progress": _PROGRESS,
         "error": _ERROR,
     },

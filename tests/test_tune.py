@@ -323,6 +323,45 @@ def test_tune_stores_nothing_when_it_does_not_beat_the_fixed_families(model_file
     assert not out.exists() and model_file.read_bytes() == before
 
 
+def test_tune_start_tuned_continues_from_the_entry_and_never_replaces_a_closer_one(model_file, tmp_path):
+    """--start tuned begins at the file's own entry; with a budget of one solve the search cannot move,
+    so the result ties with what the file holds: not closer, so nothing is replaced, and it says so."""
+    sig = hand_sigmas(4)
+    copy = tuned_copy(model_file, tmp_path / "t.safetensors", [entry(sig)])
+    before = copy.read_bytes()
+    res = diffcli("tune", copy, "--steps", 4, *FAST, "--max-evaluations", 1, "--start", "tuned", "--in-place",
+                  "--json")
+    assert res.exit_code == 0, res.output
+    (r,) = records(res)
+    assert r["start"] == "tuned" and r["sigmas"] == pytest.approx(sig, rel=1e-12)
+    assert r["distance"]["stored"] == pytest.approx(r["distance"]["tuned"], abs=1e-12)
+    assert r["train_distance"]["stored"] == pytest.approx(r["train_distance"]["tuned"], abs=1e-12)
+    assert r["stored_before"] and not r["better"] and r["stored"] is None
+    assert copy.read_bytes() == before
+    res = diffcli("tune", copy, "--steps", 4, *FAST, "--max-evaluations", 1, "--start", "tuned", "--in-place")
+    assert "no closer than the ones" in res.stderr and "nothing stored" in res.stderr
+
+
+def test_tune_replaces_a_stored_entry_only_when_closer_on_validation(model_file, tmp_path):
+    """A poor stored entry (levels bunched at the bottom) is a rival like the fixed families: the new
+    sigmas replace it only when they beat both it and the best fixed family on the validation seeds."""
+    top = ode.sigma_max(SCHEDULE)
+    poor = [top, 0.4, 0.3, 0.2, 0.0]
+    copy = tuned_copy(model_file, tmp_path / "t.safetensors", [entry(poor)])
+    res = diffcli("tune", copy, "--steps", 4, *FAST, "--max-evaluations", 12, "--in-place", "--json")
+    assert res.exit_code == 0, res.output
+    (r,) = records(res)
+    d = r["distance"]
+    fixed = min(d[k] for k in registry.FIXED)
+    assert d["stored"] > fixed  # the poor entry loses to the fixed families, so it cannot hold the new one back
+    assert r["stored_before"] == (d["stored"] <= d["tuned"])
+    assert r["better"] == (d["tuned"] < fixed and d["tuned"] < d["stored"])
+    (now,) = load_model(copy).tuned
+    assert list(now.sigmas) == (r["sigmas"] if r["better"] else pytest.approx(poor))
+    if r["better"]:
+        assert "stored" not in now.distance  # the entry keeps the figures of the families, not of its forerunner
+
+
 def test_tune_in_place_replaces_only_the_metadata(model_file):
     before = load_model(model_file)
     res = diffcli("tune", model_file, "--steps", 4, *FAST, "--max-evaluations", 12, "--in-place", "--json")
@@ -362,6 +401,8 @@ def test_an_interrupted_tune_leaves_the_model_file_untouched(model_file, monkeyp
     (["--steps", 4, "--out", "x.safetensors", "--in-place"], 2, "give either --out FILE or --in-place"),
     (["--steps", 4, "--guidance-interval"], 2, "--guidance-interval needs --real DIR"),
     (["--steps", 4, "--class", "zebra"], 2, "unknown class 'zebra'"),
+    (["--steps", 4, "--start", "best"], 2, "--start must be one of edm, karras, none or tuned, got 'best'"),
+    (["--steps", 4, "--start", "tuned"], 2, "holds no tuned dpm++2m sigmas at 4 steps (it has: none)"),
 ])
 def test_tune_refuses_bad_options_with_one_line(model_file, args, code, message):
     before = model_file.read_bytes()

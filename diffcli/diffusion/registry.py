@@ -178,7 +178,7 @@ def find_tuned(entries: Sequence[Tuned], sampler: str, steps: int) -> Tuned | No
     return next((t for t in entries if t.sampler == sampler and t.steps == steps), None)
 
 
-def _listing(entries: Sequence[Tuned]) -> str:
+def listing(entries: Sequence[Tuned]) -> str:
     return ", ".join(f"{t.sampler} {t.steps}" for t in entries) or "none"
 
 
@@ -200,7 +200,7 @@ def resolve_sigmas(sampler: str, sigmas: str | None, steps: int | None = None, t
             raise UsageError("--sigmas tuned starts at the top of the schedule; an edit (--init-image) starts part "
                              "way down: use --sigmas edm, karras or none")
         if steps is not None and find_tuned(tuned, sampler, steps) is None:
-            raise UsageError(f"the model has no tuned sigmas for {sampler} at {steps} steps (it has: {_listing(tuned)}); "
+            raise UsageError(f"the model has no tuned sigmas for {sampler} at {steps} steps (it has: {listing(tuned)}); "
                              f"make them with: diffcli tune MODEL --sampler {sampler} --steps {steps} --in-place")
     return sigmas
 

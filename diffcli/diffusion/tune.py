@@ -52,6 +52,7 @@ class TuneOptions:
     validation_seeds: int = 32  # VALIDATION_BASE + i
     reference: str = DEFAULT_REFERENCE  # SAMPLER:STEPS
     max_evaluations: int = 200  # N-step solves of the training seeds during the search
+    start: str | None = None  # edm, karras, none or tuned (the file's entry); default: the best fixed family
     guidance_interval: bool = False  # also search where guidance is needed
     real: str | None = None  # the class folder for the interval's classifier
     interval_images: int = 200
@@ -83,6 +84,7 @@ class TuneResult:
     stored: str | None
     evaluations: int
     seconds: float
+    stored_before: bool = False  # the file already held a tuned entry here at least as close on validation
     guidance_interval: tuple[float, float] | None = None
     accuracy: dict[str, float] | None = None
     interval_seconds: dict[str, float] | None = None
@@ -90,7 +92,8 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("model", "sampler", "steps", "guidance", "reference", "seeds",
                                            "validation_seeds", "sigmas", "train_distance", "distance", "best_fixed",
-                                           "improvement", "start", "better", "stored", "evaluations", "seconds")}
+                                           "improvement", "start", "better", "stored", "evaluations", "seconds",
+                                           "stored_before")}
         if self.accuracy is not None:
             d.update(guidance_interval=list(self.guidance_interval) if self.guidance_interval else None,
                      accuracy=self.accuracy, interval_seconds=self.interval_seconds)
@@ -289,6 +292,8 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
         raise UsageError(f"--max-evaluations must be >= 1, got {opts.max_evaluations}")
     if opts.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.start is not None and opts.start not in (*registry.FIXED, "tuned"):
+        raise UsageError(f"--start must be one of {', '.join(registry.FIXED)} or tuned, got {opts.start!r}")
     if opts.guidance is not None and (not math.isfinite(opts.guidance) or opts.guidance < 0):
         raise UsageError(f"--guidance must be >= 0, got {opts.guidance}")
     if opts.guidance_interval:
@@ -307,6 +312,10 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     if not 2 <= opts.steps <= T:
         raise UsageError(f"--steps must be between 2 and the model's {T} timesteps, got {opts.steps}")
     ref_sampler, ref_steps = parse_reference(opts.reference, T)
+    previous = registry.find_tuned(mf.tuned, sampler, opts.steps)
+    if opts.start == "tuned" and previous is None:
+        raise UsageError(f"--start tuned: {opts.model} holds no tuned {sampler} sigmas at {opts.steps} steps "
+                         f"(it has: {registry.listing(mf.tuned)})")
     guidance = opts.guidance if opts.guidance is not None else float(mf.sampling.get("guidance", 1.0))
     if not mf.class_names:
         guidance = 1.0
@@ -339,12 +348,15 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
              for name in registry.FIXED}
     train_distance = {name: distance(solver.images(train, 0, N, sigmas=name if name != "none" else None), ref_train)
                       for name in fixed}
-    start_family = min(train_distance, key=train_distance.get)
+    if previous is not None:  # what the file holds now: the result must beat it too before it replaces it
+        train_distance["stored"] = distance(solver.images(train, 0, N, sigmas=list(previous.sigmas)), ref_train)
+    start_family = opts.start or min((k for k in train_distance if k != "stored"), key=train_distance.get)
     top, floor = ode.sigma_max(schedule), float(schedule.sigmas[0])
     # the start as values: a list that begins above sigma 80 takes its first step first order, as edm does
     # (ode.edm_jump), so from edm the search starts exactly where edm is; from karras or none it starts from
-    # their levels under that rule
-    start = list(fixed[start_family])
+    # their levels under that rule; --start tuned continues from the file's entry (a longer search, or one
+    # on more seeds or against another reference)
+    start = list(previous.sigmas) if start_family == "tuned" else list(fixed[start_family])
     start[0] = top  # every family starts at the schedule's top; only rounding could differ
     log(f"fixed families on the training seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in train_distance.items())
         + f"; the search starts from {start_family}")
@@ -365,8 +377,11 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     dist = {"tuned": distance(solver.images(val, VALIDATION_BASE, N, sigmas=best), ref_val)}
     for name in fixed:
         dist[name] = distance(solver.images(val, VALIDATION_BASE, N, sigmas=name if name != "none" else None), ref_val)
-    best_fixed = min((k for k in dist if k != "tuned"), key=dist.get)
-    better = dist["tuned"] < dist[best_fixed]
+    if previous is not None:
+        dist["stored"] = distance(solver.images(val, VALIDATION_BASE, N, sigmas=list(previous.sigmas)), ref_val)
+    best_fixed = min((k for k in dist if k not in ("tuned", "stored")), key=dist.get)
+    stored_before = previous is not None and dist["stored"] <= dist["tuned"]
+    better = dist["tuned"] < dist[best_fixed] and not stored_before
     improvement = 1 - dist["tuned"] / dist[best_fixed] if dist[best_fixed] > 0 else 0.0
 
     interval = accuracy = seconds = None
@@ -376,7 +391,7 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     stored = None
     if better and dest is not None:
         entry = Tuned(sampler, N, tuple(best), guidance, f"{ref_sampler}:{ref_steps}",
-                      {k: round(v, 6) for k, v in dist.items()}, len(train), len(val), interval,
+                      {k: round(v, 6) for k, v in dist.items() if k != "stored"}, len(train), len(val), interval,
                       accuracy or {})
         kept = [t.to_dict() for t in mf.tuned if (t.sampler, t.steps) != (sampler, N)]
         if len(kept) >= registry.MAX_TUNED:
@@ -388,7 +403,7 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     return TuneResult(str(opts.model), sampler, N, guidance, f"{ref_sampler}:{ref_steps}", len(train), len(val),
                       [float(v) for v in best], train_distance, dist, best_fixed, improvement, start_family, better,
                       stored, evals,
-                      round(time.perf_counter() - started, 2), interval, accuracy, seconds)
+                      round(time.perf_counter() - started, 2), stored_before, interval, accuracy, seconds)
 
 
 def narrowest_window(N: int, measure: Callable[[tuple[int, int] | None], tuple[float, float]], tolerance: float,
@@ -469,7 +484,10 @@ def table(result: TuneResult) -> Any:
         note = ""
         if name == "tuned":
             note = (f"{100 * result.improvement:.1f}% closer than {result.best_fixed}" if result.better
+                    else "no better than the stored sigmas: not stored" if result.stored_before
                     else f"no better than {result.best_fixed}: not stored")
+        elif name == "stored":
+            note = "the file's tuned sigmas now"
         elif name == result.best_fixed:
             note = "best fixed"
         tab.add_row(name, f"{result.train_distance[name]:.4f}", f"{result.distance[name]:.4f}", note)
