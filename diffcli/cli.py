@@ -349,6 +349,7 @@ def tune(
     seeds: int = typer.Option(32, "--seeds", help="Training seeds (0..K-1): the search minimises their distance to the reference."),
     validation_seeds: int = typer.Option(32, "--validation-seeds", help="Separate seeds the result is judged on."),
     reference: str = typer.Option("dpm++2m:100", "--reference", help="SAMPLER:STEPS of the reference solve, e.g. ddim:1000."),
+    reference_cache: Optional[Path] = typer.Option(None, "--reference-cache", help="A .safetensors file that keeps the reference solves: the next tune of the same model, seeds and reference reads them instead (a many-step reference is most of a tune's time)."),
     max_evaluations: int = typer.Option(200, "--max-evaluations", help="N-step solves of the training seeds the search may spend."),
     start: Optional[str] = typer.Option(None, "--start", help="Where the search starts: edm, karras, none, or tuned (continue from the file's entry for this sampler and step count).", show_default="the best fixed family on the training seeds"),
     guidance_interval: bool = typer.Option(False, "--guidance-interval", help="Also find where guidance is needed (needs --real); stored with the sigmas."),
@@ -380,7 +381,8 @@ def tune(
             torch.set_num_threads(threads)
         opts = TuneOptions(model=str(model), steps=steps, sampler=sampler, guidance=guidance, classes=list(classes),
                            seeds=seeds, validation_seeds=validation_seeds, reference=reference,
-                           max_evaluations=max_evaluations, start=start, guidance_interval=guidance_interval,
+                           max_evaluations=max_evaluations, start=start,
+                           reference_cache=str(reference_cache) if reference_cache else None, guidance_interval=guidance_interval,
                            real=str(real) if real else None, interval_images=interval_images,
                            accuracy_tolerance=accuracy_tolerance, out=str(out) if out else None, in_place=in_place,
                            overwrite=overwrite, batch_size=batch_size, device=device,

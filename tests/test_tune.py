@@ -362,6 +362,67 @@ def test_tune_replaces_a_stored_entry_only_when_closer_on_validation(model_file,
         assert "stored" not in now.distance  # the entry keeps the figures of the families, not of its forerunner
 
 
+def test_reference_cache_holds_the_reference_and_is_read_back(model_file, tmp_path, monkeypatch):
+    """The cache holds the reference solves themselves (checked against an independent solve), and a
+    second tune reads them instead of solving again, with the same result."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "ref.safetensors"
+    args = ["tune", model_file, "--steps", 3, *FAST, "--max-evaluations", 3, "--reference-cache", cache, "--json"]
+    first = diffcli(*args)
+    assert first.exit_code == 0, first.output
+    assert "reference kept in" in first.stderr
+    mf = load_model(model_file)
+    solver = tune.Solver(mf, "dpm++2m", 2.0, [0, 1], 8, torch.device("cpu"))
+    val = [tune.VALIDATION_BASE + i for i in range(4)]
+    own = solver.images(val, tune.VALIDATION_BASE, 30, "dpm++2m", registry.resolve_sigmas("dpm++2m", "auto", 30))
+    assert torch.equal(load_file(cache)["validation"], own)
+    stamp = cache.stat().st_mtime_ns
+    calls = []
+    real = tune.Solver.images
+
+    def images(self, seeds, offset, steps, *a, **kw):
+        calls.append(steps)
+        return real(self, seeds, offset, steps, *a, **kw)
+
+    monkeypatch.setattr(tune.Solver, "images", images)
+    second = diffcli(*args)
+    assert second.exit_code == 0, second.output
+    assert "reference read from" in second.stderr and 30 not in calls and cache.stat().st_mtime_ns == stamp
+    assert records(second)[0]["distance"] == records(first)[0]["distance"]
+
+
+def test_reference_cache_of_another_reference_or_damaged_is_computed_again(model_file, tmp_path):
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "ref.safetensors"
+    base = ["tune", model_file, "--steps", 3, "--seeds", 4, "--validation-seeds", 4, "--batch-size", 8,
+            "--max-evaluations", 1, "--reference-cache", cache]
+    assert diffcli(*base, "--reference", "dpm++2m:20").exit_code == 0
+    res = diffcli(*base, "--reference", "dpm++2m:30")
+    assert res.exit_code == 0 and "holds the reference of another" in res.stderr
+    good = load_file(cache)
+    header = tune.REFERENCE_FORMAT
+    from diffcli.files import checkpoint
+
+    meta = checkpoint.read_header(cache, header, "x")[0].meta
+    bad = {**good, "train": torch.full_like(good["train"], float("nan"))}
+    checkpoint.write(cache, bad, {k: meta[k] for k in ("key", "reference", "model")}, header)
+    res = diffcli(*base, "--reference", "dpm++2m:30")
+    assert res.exit_code == 0 and "is damaged" in res.stderr and "NaN" in res.stderr
+    assert torch.equal(load_file(cache)["train"], good["train"])
+
+
+def test_reference_cache_never_replaces_a_file_of_another_kind(model_file, tmp_path):
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(model_file.read_bytes())
+    res = diffcli("tune", model_file, "--steps", 3, *FAST, "--reference-cache", other)
+    assert res.exit_code == 4 and "is not a tune reference cache" in res.output and res.output.count("\n") == 1
+    assert other.read_bytes() == model_file.read_bytes()
+    res = diffcli("tune", model_file, "--steps", 3, *FAST, "--reference-cache", tmp_path / "ref.pt")
+    assert res.exit_code == 2 and "--reference-cache must end in .safetensors" in res.output
+
+
 def test_tune_in_place_replaces_only_the_metadata(model_file):
     before = load_model(model_file)
     res = diffcli("tune", model_file, "--steps", 4, *FAST, "--max-evaluations", 12, "--in-place", "--json")

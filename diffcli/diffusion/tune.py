@@ -32,6 +32,7 @@ from diffcli.diffusion import ode, registry
 from diffcli.diffusion.registry import Tuned
 from diffcli.errors import InputError, OutputExistsError, UsageError
 
+REFERENCE_FORMAT = "diffcli.tunereference"
 VALIDATION_BASE = 1_000_000  # validation seeds are VALIDATION_BASE + i: never a training seed
 INTERVAL_BASE = 2_000_000  # seeds of the guidance interval's accuracy check
 DEFAULT_REFERENCE = "dpm++2m:100"
@@ -53,6 +54,7 @@ class TuneOptions:
     reference: str = DEFAULT_REFERENCE  # SAMPLER:STEPS
     max_evaluations: int = 200  # N-step solves of the training seeds during the search
     start: str | None = None  # edm, karras, none or tuned (the file's entry); default: the best fixed family
+    reference_cache: str | None = None  # a file keeping the reference solves for the next tune of this model
     guidance_interval: bool = False  # also search where guidance is needed
     real: str | None = None  # the class folder for the interval's classifier
     interval_images: int = 200
@@ -218,6 +220,77 @@ def distance(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# The reference cache
+# --------------------------------------------------------------------------------------------------
+
+
+def check_reference_cache(path: str | None) -> Path | None:
+    """--reference-cache FILE: refused before any work when it could not be ours to write (a file of another
+    kind is never replaced by a cache)."""
+    if path is None:
+        return None
+    from diffcli.files import checkpoint
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise UsageError(f"--reference-cache must end in .safetensors, got {path!r}")
+    if not p.resolve().parent.is_dir():
+        raise UsageError(f"the folder of --reference-cache does not exist: {p.parent} (create it first)")
+    if p.exists():
+        try:
+            checkpoint.read_header(p, REFERENCE_FORMAT, "tune reference cache", whole=False)
+        except InputError as e:
+            raise InputError(f"--reference-cache {p} exists and is not a tune reference cache ({e}); give another "
+                             "file") from None
+    return p
+
+
+def reference_key(mf: Any, reference: str, guidance: float, sets: dict[str, tuple[list[int], torch.Tensor | None]]) -> str:
+    """What a reference solve depends on: the model's weights, config, schedule and prediction, the
+    reference sampler and steps, the guidance, and each seed set with its labels."""
+    import hashlib
+    import json
+
+    from diffcli.eval.features import weights_digest
+
+    h = hashlib.sha256(f"{REFERENCE_FORMAT} v1\n".encode())
+    h.update(weights_digest(mf.model.state_dict(), REFERENCE_FORMAT).encode())
+    h.update(json.dumps([mf.config.to_dict(), mf.schedule.to_dict(), mf.prediction, reference, repr(float(guidance))],
+                        sort_keys=True).encode())
+    for name, (seeds, labels) in sets.items():
+        h.update(f"|{name}|{seeds}|{None if labels is None else labels.tolist()}".encode())
+    return h.hexdigest()
+
+
+def read_reference_cache(path: Path, key: str, shapes: dict[str, tuple[int, ...]],
+                         log: Log) -> dict[str, torch.Tensor] | None:
+    """The cached reference images when the file holds exactly these (same key, shapes, values in [0, 1]);
+    None, after a line saying why, when it is missing, made for something else, or damaged."""
+    from diffcli.files import checkpoint
+
+    if not path.exists():
+        return None
+    try:
+        header, data = checkpoint.read_header(path, REFERENCE_FORMAT, "tune reference cache")
+        if header.meta.get("key") != key:
+            log(f"{path} holds the reference of another model, seed set or reference; computing it again")
+            return None
+        problem = checkpoint.tensor_problem(header.tensors, {k: (v, ("F64",)) for k, v in shapes.items()},
+                                            "the cache needs", "the cache")
+        if problem:
+            raise InputError(problem)
+        tensors = checkpoint.load_tensors(data, path)
+        checkpoint.check_finite(tensors, path)
+        if any(bool((t < 0).any() or (t > 1).any()) for t in tensors.values()):
+            raise InputError("pixel values outside [0, 1]")
+    except InputError as e:
+        log(f"{path} is damaged ({str(e).replace(str(path), 'the file')}); computing the reference again")
+        return None
+    log(f"reference read from {path}")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------
 # The search
 # --------------------------------------------------------------------------------------------------
 
@@ -306,6 +379,7 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     elif opts.real:
         raise UsageError("--real is for --guidance-interval")
     dest = check_destination(opts)
+    cache_file = check_reference_cache(opts.reference_cache)
     device = resolve_device(opts.device)
     mf = load_model(opts.model, device)
     T = mf.schedule.num_timesteps
@@ -337,11 +411,27 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     ref_sigmas = registry.resolve_sigmas(ref_sampler, "auto", ref_steps)
     log(f"tuning {sampler} at {N} steps, guidance {guidance:g}, against {ref_sampler}:{ref_steps} on "
         f"{len(train)} training and {len(val)} validation seeds")
-    say(0, 2, "reference")
-    ref_train = solver.images(train, 0, ref_steps, ref_sampler, ref_sigmas)
-    say(1, 2, "reference")
-    ref_val = solver.images(val, VALIDATION_BASE, ref_steps, ref_sampler, ref_sigmas)
+    sets = {"train": (train, 0), "validation": (val, VALIDATION_BASE)}
+    key = reference_key(mf, f"{ref_sampler}:{ref_steps}", guidance,
+                        {k: (seeds, solver.labels(seeds, off)) for k, (seeds, off) in sets.items()})
+    refs = None
+    if cache_file is not None:
+        shapes = {k: (len(seeds), *solver.shape) for k, (seeds, _) in sets.items()}
+        refs = read_reference_cache(cache_file, key, shapes, log)
+    if refs is None:
+        refs = {}
+        for i, (name, (seeds, off)) in enumerate(sets.items()):
+            say(i, 2, "reference")
+            refs[name] = solver.images(seeds, off, ref_steps, ref_sampler, ref_sigmas)
+        if cache_file is not None:
+            from diffcli.files import checkpoint
+
+            checkpoint.write(cache_file, {k: v.contiguous() for k, v in refs.items()},
+                             {"key": key, "reference": f"{ref_sampler}:{ref_steps}", "model": Path(opts.model).name},
+                             REFERENCE_FORMAT)
+            log(f"reference kept in {cache_file} for the next tune of this model")
     say(2, 2, "reference")
+    ref_train, ref_val = refs["train"], refs["validation"]
 
     schedule = mf.schedule
     fixed = {name: ode.step_sigmas(schedule, N, registry.DEFAULT_SPACING, None if name == "none" else name)
