@@ -3,7 +3,8 @@
 Parts (--parts, comma-separated; all by default):
   quality    mean per-pixel RMSE (in [0, 1] units) to a DDIM-1000 reference from the same noise, on the
              tune command's validation seeds (never seen by its search), for the model's tuned sigmas at
-             N and every fixed family at N and at 1.5 N. Targets: tuned at N >= 30% closer than the best
+             N and every fixed family at N and at 1.5 N (and at the step count of every other tuned entry
+             the file holds). Targets: tuned at N >= 30% closer than the best
              fixed family at N, and at least as close as the best fixed family at 1.5 N.
   interval   sampling wall time of the default sampler and steps (tuned sigmas) with full guidance and with
              the stored guidance interval, interleaved, and the class accuracy of both (diffcli eval's
@@ -12,8 +13,8 @@ Parts (--parts, comma-separated; all by default):
              benchmarks/diffusers_pipeline.py (a diffusers DiT + DDIM-50 job of the same size), and the
              distance of both settings to the reference (the diffusers job's images are those of DDIM-50,
              computed with diffcli's DDIM on the same model). Target: >= 4x faster at no larger distance.
-             With the quality part, also at equal distance: diffcli given the fewest --steps (of 15, 20,
-             25; sigmas and guidance interval as `sample` picks them) that come as close as DDIM-50.
+             With the quality part, also at equal distance: diffcli given the fewest --steps (of 15 to 18,
+             20, 25; sigmas and guidance interval as `sample` picks them) that come as close as DDIM-50.
   tune       the wall time of `diffcli tune MODEL --steps N` with its defaults. Target: under 10 minutes.
 
     python benchmarks/tune_bench.py --checkpoint weights/diffcli-mnist.safetensors --data ../shared/data/mnist-10k
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffcli.files.checkpoint import load_model  # noqa: E402
 from diffcli.diffusion import ode, registry  # noqa: E402
+from diffcli.diffusion import tune  # noqa: E402
 from diffcli.diffusion.tune import VALIDATION_BASE, Solver, distance  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -50,31 +52,26 @@ def log(message: str) -> None:
 
 
 DDIM_CURVE = (20, 25, 30, 35, 40, 45, 50)  # DDIM step counts: distance against steps, beside the ODE samplers
-OURS_CURVE = (15, 20, 25)  # step counts of `diffcli sample`'s default sampler, with the sigmas it picks
+OURS_CURVE = (15, 16, 17, 18, 20, 25)  # step counts of `diffcli sample`'s default sampler, with the sigmas it picks
 
 
 def reference(solver: Solver, mf, val: list[int], ref_steps: int, cache: str | None) -> torch.Tensor:
-    """The DDIM reference of the validation seeds, read from / written to a safetensors cache when given
-    (it is most of the quality part's time); the cache names the model hash, seeds and steps it holds."""
-    from safetensors.torch import load_file, save
-
-    from diffcli import atomic
-
-    key = {"model_hash": mf.model_hash, "seeds": f"{val[0]}..{val[-1]}", "reference": f"ddim:{ref_steps}"}
-    if cache and Path(cache).is_file():
-        from safetensors import safe_open
-
-        with safe_open(cache, "pt") as f:
-            if f.metadata() == key:
-                log(f"reference ddim:{ref_steps} read from {cache}")
-                return load_file(cache)["reference"]
-        log(f"{cache} holds another reference; computing it again")
-    t0 = time.perf_counter()
-    ref = solver.images(val, VALIDATION_BASE, ref_steps, "ddim", None)
-    log(f"reference ddim:{ref_steps} on {len(val)} validation seeds: {time.perf_counter() - t0:.0f} s")
+    """The DDIM reference of the validation seeds, read from / written to a cache file of `diffcli tune
+    --reference-cache`'s kind when given (it is most of the quality part's time). Its key covers the
+    weights, not the metadata, so storing a tuned entry in the model file keeps the cache valid."""
+    ref = f"ddim:{ref_steps}"
+    key = tune.reference_key(mf, ref, solver.guidance, {"validation": (val, solver.labels(val, VALIDATION_BASE))})
     if cache:
-        atomic.write_bytes(Path(cache), save({"reference": ref.contiguous()}, metadata=key), overwrite=True)
-    return ref
+        path = tune.check_reference_cache(cache)
+        found = tune.read_reference_cache(path, key, {"validation": (len(val), *solver.shape)}, log)
+        if found is not None:
+            return found["validation"]
+    t0 = time.perf_counter()
+    images = solver.images(val, VALIDATION_BASE, ref_steps, "ddim", None)
+    log(f"reference {ref} on {len(val)} validation seeds: {time.perf_counter() - t0:.0f} s")
+    if cache:
+        tune.write_reference_cache(path, key, {"validation": images}, ref, Path(mf.path).name)
+    return images
 
 
 def quality(mf, steps: int, seeds: int, ref_steps: int, batch: int, cache: str | None = None) -> dict:
@@ -88,13 +85,12 @@ def quality(mf, steps: int, seeds: int, ref_steps: int, batch: int, cache: str |
     ref = reference(solver, mf, val, ref_steps, cache)
     rows: dict[str, float] = {}
     more = round(1.5 * steps)
-    rows[f"tuned@{steps}"] = distance(solver.images(val, VALIDATION_BASE, steps, sigmas=list(entry.sigmas)), ref)
-    for n in (steps, more):
+    entries = {t.steps: t for t in mf.tuned if t.sampler == registry.DEFAULT_SAMPLER}
+    for n in sorted({steps, more, *entries}):
+        if n in entries:
+            rows[f"tuned@{n}"] = distance(solver.images(val, VALIDATION_BASE, n, sigmas=list(entries[n].sigmas)), ref)
         for fam in registry.FIXED:
             rows[f"{fam}@{n}"] = distance(solver.images(val, VALIDATION_BASE, n, sigmas=None if fam == "none" else fam), ref)
-    t15 = registry.find_tuned(mf.tuned, registry.DEFAULT_SAMPLER, more)
-    if t15 is not None:
-        rows[f"tuned@{more}"] = distance(solver.images(val, VALIDATION_BASE, more, sigmas=list(t15.sigmas)), ref)
     for n in DDIM_CURVE:
         rows[f"ddim@{n}"] = distance(solver.images(val, VALIDATION_BASE, n, "ddim", None), ref)
     # `diffcli sample --steps n` with the default sampler: the sigmas (and guidance interval) it picks itself

@@ -1,5 +1,5 @@
 """Fuzzing every reader of files from elsewhere: model files (pixel and latent), training state, the data
-cache, autoencoder files, the latent cache, autoencoder training state, imported autoencoders (latent-
+cache, tune's reference cache, autoencoder files, the latent cache, autoencoder training state, imported autoencoders (latent-
 diffusion single files, diffusers folders), PNG text.
 
 Each test mutates a valid file (tests/fuzzing.py: every metadata field removed, retyped, set to 0,
@@ -453,6 +453,45 @@ def test_data_cache_mutants(tmp_path, one_step_run, monkeypatch):
             assert not logs, m.what
     report("data cache", tally, time.perf_counter() - t0)
     assert tally["rebuilt (logged)"] > 250
+
+
+def test_tune_reference_cache_mutants(tmp_path):
+    """diffcli tune --reference-cache: a mutant is either the cache itself (a change the reader does not
+    depend on, such as the file name it records) and gives exactly its images, or it is recomputed after
+    one line; never an error, never other images."""
+    from diffcli.diffusion import tune
+
+    g = torch.Generator().manual_seed(0)
+    images = {"train": torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64),
+              "validation": torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64)}
+    key = "a" * 64
+    shapes = {k: tuple(v.shape) for k, v in images.items()}
+    valid = tmp_path / "valid.safetensors"
+    tune.write_reference_cache(valid, key, images, "ddim:1000", "m.safetensors")
+    data = valid.read_bytes()
+    assert tune.read_reference_cache(valid, key, shapes, lambda line: None) is not None
+    rng = random.Random(f"{SEED}-tuneref")
+    path = tmp_path / "cache.safetensors"
+    tally: Counter = Counter()
+    t0 = time.perf_counter()
+    pattern = re.compile(rf"{re.escape(str(path))} (holds the reference of another .+|is damaged \(.+\)); "
+                         "computing (it|the reference) again")
+    for m in chain(metadata_mutants(data, ()), tensor_mutants(data, rng), header_mutants(data),
+                   random_mutants(data, rng, count(60))):
+        path.write_bytes(m.data)
+        logs: list[str] = []
+        out = run_mutant(m, lambda logs=logs: tune.read_reference_cache(path, key, shapes, logs.append))
+        assert out.error is None, (m.what, out.error)  # a bad cache is recomputed, never an error
+        assert len(logs) == 1, (m.what, logs)
+        if out.result is None:
+            assert pattern.fullmatch(logs[0]), (m.what, logs)
+            tally["recomputed (logged)"] += 1
+        else:
+            assert logs[0] == f"reference read from {path}", m.what
+            assert all(torch.equal(out.result[k], images[k]) for k in images), m.what
+            tally["used"] += 1
+    report("tune reference cache", tally, time.perf_counter() - t0)
+    assert tally["recomputed (logged)"] > 100
 
 
 # --------------------------------------------------------------------------------------------------

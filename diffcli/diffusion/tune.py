@@ -262,6 +262,21 @@ def reference_key(mf: Any, reference: str, guidance: float, sets: dict[str, tupl
     return h.hexdigest()
 
 
+def _images_digest(tensors: dict[str, torch.Tensor]) -> str:
+    from diffcli.eval.features import weights_digest
+
+    return weights_digest(tensors, REFERENCE_FORMAT)
+
+
+def write_reference_cache(path: Path, key: str, images: dict[str, torch.Tensor], reference: str, model: str) -> None:
+    """Atomically, with a SHA-256 of the images that the reader checks."""
+    from diffcli.files import checkpoint
+
+    images = {k: v.double().contiguous() for k, v in images.items()}
+    checkpoint.write(path, images, {"key": key, "digest": _images_digest(images), "reference": reference,
+                                    "model": model}, REFERENCE_FORMAT)
+
+
 def read_reference_cache(path: Path, key: str, shapes: dict[str, tuple[int, ...]],
                          log: Log) -> dict[str, torch.Tensor] | None:
     """The cached reference images when the file holds exactly these (same key, shapes, values in [0, 1]);
@@ -280,6 +295,8 @@ def read_reference_cache(path: Path, key: str, shapes: dict[str, tuple[int, ...]
         if problem:
             raise InputError(problem)
         tensors = checkpoint.load_tensors(data, path)
+        if _images_digest(tensors) != header.meta.get("digest"):
+            raise InputError("the images do not match their recorded SHA-256")
         checkpoint.check_finite(tensors, path)
         if any(bool((t < 0).any() or (t > 1).any()) for t in tensors.values()):
             raise InputError("pixel values outside [0, 1]")
@@ -424,11 +441,7 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
             say(i, 2, "reference")
             refs[name] = solver.images(seeds, off, ref_steps, ref_sampler, ref_sigmas)
         if cache_file is not None:
-            from diffcli.files import checkpoint
-
-            checkpoint.write(cache_file, {k: v.contiguous() for k, v in refs.items()},
-                             {"key": key, "reference": f"{ref_sampler}:{ref_steps}", "model": Path(opts.model).name},
-                             REFERENCE_FORMAT)
+            write_reference_cache(cache_file, key, refs, f"{ref_sampler}:{ref_steps}", Path(opts.model).name)
             log(f"reference kept in {cache_file} for the next tune of this model")
     say(2, 2, "reference")
     ref_train, ref_val = refs["train"], refs["validation"]
