@@ -362,6 +362,18 @@ def test_tune_replaces_a_stored_entry_only_when_closer_on_validation(model_file,
         assert "stored" not in now.distance  # the entry keeps the figures of the families, not of its forerunner
 
 
+def test_tune_reports_progress_through_every_reference_step(model_file):
+    """A many-step reference takes minutes: progress counts its steps over all batches of both seed sets
+    (5 training seeds in batches of 4 are 2 batches, 3 validation seeds 1: 3 x 30 steps)."""
+    calls = []
+    opts = tune.TuneOptions(model=str(model_file), steps=3, seeds=5, validation_seeds=3, reference="dpm++2m:30",
+                            batch_size=4, max_evaluations=2)
+    tune.tune(opts, progress=lambda i, n, task: calls.append((i, n, task)))
+    ref = [(i, n) for i, n, task in calls if task == "reference"]
+    assert [i for i, _ in ref] == list(range(1, 91)) and {n for _, n in ref} == {90}
+    assert calls.index((90, 90, "reference")) < min(k for k, c in enumerate(calls) if c[2] == "search")
+
+
 def test_reference_cache_holds_the_reference_and_is_read_back(model_file, tmp_path, monkeypatch):
     """The cache holds the reference solves themselves (checked against an independent solve), and a
     second tune reads them instead of solving again, with the same result."""

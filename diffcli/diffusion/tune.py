@@ -201,15 +201,18 @@ class Solver:
     @torch.inference_mode()
     def images(self, seeds: Sequence[int], offset: int, steps: int, sampler: str | None = None,
                sigmas: str | list[float] | None = None, interval: tuple[float, float] | None = None,
-               guidance: float | None = None) -> torch.Tensor:
-        """(B, C, H, W) in [0, 1], float64 for the distances; image i from seed seeds[i]."""
+               guidance: float | None = None, callback: Callable[[int], None] | None = None) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1], float64 for the distances; image i from seed seeds[i]. callback(k) after
+        every step of every batch, k counting the steps of all batches so far."""
         out = []
-        for start in range(0, len(seeds), self.batch_size):
+        for b, start in enumerate(range(0, len(seeds), self.batch_size)):
             chunk = list(seeds[start:start + self.batch_size])
+            each = (lambda i, n, b=b: callback(b * steps + i)) if callback else None
             res = registry.sample(self.denoiser, self.mf.schedule, self.shape, steps, sampler or self.sampler,
                                   sigmas=sigmas, seeds=chunk, labels=self.labels(chunk, offset), null_label=self.null,
                                   guidance=self.guidance if guidance is None else guidance,
-                                  prediction=self.mf.prediction, device=self.device, guidance_interval=interval)
+                                  prediction=self.mf.prediction, device=self.device, guidance_interval=interval,
+                                  callback=each)
             out.append(((res.images.double().clamp(-1, 1) + 1) / 2).cpu())
         return torch.cat(out)
 
@@ -435,15 +438,16 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     if cache_file is not None:
         shapes = {k: (len(seeds), *solver.shape) for k, (seeds, _) in sets.items()}
         refs = read_reference_cache(cache_file, key, shapes, log)
-    if refs is None:
-        refs = {}
-        for i, (name, (seeds, off)) in enumerate(sets.items()):
-            say(i, 2, "reference")
-            refs[name] = solver.images(seeds, off, ref_steps, ref_sampler, ref_sigmas)
+    if refs is None:  # a step of progress per reference step of each batch: a 1000-step solve takes minutes
+        refs, done = {}, 0
+        total = sum(-(-len(seeds) // opts.batch_size) for seeds, _ in sets.values()) * ref_steps
+        for name, (seeds, off) in sets.items():
+            refs[name] = solver.images(seeds, off, ref_steps, ref_sampler, ref_sigmas,
+                                       callback=lambda k, done=done: say(done + k, total, "reference"))
+            done += -(-len(seeds) // opts.batch_size) * ref_steps
         if cache_file is not None:
             write_reference_cache(cache_file, key, refs, f"{ref_sampler}:{ref_steps}", Path(opts.model).name)
             log(f"reference kept in {cache_file} for the next tune of this model")
-    say(2, 2, "reference")
     ref_train, ref_val = refs["train"], refs["validation"]
 
     schedule = mf.schedule
