@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffcli.files.checkpoint import load_model  # noqa: E402
-from diffcli.diffusion import ode, registry  # noqa: E402
+from diffcli.diffusion import registry  # noqa: E402
 from diffcli.diffusion import tune  # noqa: E402
 from diffcli.diffusion.tune import VALIDATION_BASE, Solver, distance  # noqa: E402
 
@@ -215,6 +214,13 @@ def tune_time(checkpoint: str, steps: int) -> dict:
     return {"steps": steps, "seconds": round(t, 1), "met": t < 600}
 
 
+def machine_info() -> dict:
+    sys.path.insert(0, str(HERE))
+    from run import machine_info as info  # the CPU's model name, cores and threads, as every benchmark records them
+
+    return info()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(HERE.parent / "weights" / "diffcli-mnist.safetensors"))
@@ -233,7 +239,7 @@ def main() -> None:
     mf = load_model(args.checkpoint)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     res: dict = {"date": now, "dates": {}, "checkpoint": args.checkpoint, "model_hash": mf.model_hash,
-                 "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}}
+                 "machine": machine_info()}
     earlier = Path(args.results)
     if earlier.is_file():  # keep the parts not run now when they measured the same model file
         old = json.loads(earlier.read_text())
