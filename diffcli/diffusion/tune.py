@@ -30,6 +30,7 @@ import torch
 from diffcli import atomic
 from diffcli.diffusion import ode, registry
 from diffcli.diffusion.registry import Tuned
+from diffcli.digest import tensors_sha256
 from diffcli.errors import InputError, OutputExistsError, UsageError
 
 REFERENCE_FORMAT = "diffcli.tunereference"
@@ -254,10 +255,8 @@ def reference_key(mf: Any, reference: str, guidance: float, sets: dict[str, tupl
     import hashlib
     import json
 
-    from diffcli.eval.features import weights_digest
-
     h = hashlib.sha256(f"{REFERENCE_FORMAT} v1\n".encode())
-    h.update(weights_digest(mf.model.state_dict(), REFERENCE_FORMAT).encode())
+    h.update(tensors_sha256(mf.model.state_dict(), REFERENCE_FORMAT).encode())
     h.update(json.dumps([mf.config.to_dict(), mf.schedule.to_dict(), mf.prediction, reference, repr(float(guidance))],
                         sort_keys=True).encode())
     for name, (seeds, labels) in sets.items():
@@ -266,9 +265,7 @@ def reference_key(mf: Any, reference: str, guidance: float, sets: dict[str, tupl
 
 
 def _images_digest(tensors: dict[str, torch.Tensor]) -> str:
-    from diffcli.eval.features import weights_digest
-
-    return weights_digest(tensors, REFERENCE_FORMAT)
+    return tensors_sha256(tensors, REFERENCE_FORMAT)
 
 
 def write_reference_cache(path: Path, key: str, images: dict[str, torch.Tensor], reference: str, model: str) -> None:
@@ -440,11 +437,11 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
         refs = read_reference_cache(cache_file, key, shapes, log)
     if refs is None:  # a step of progress per reference step of each batch: a 1000-step solve takes minutes
         refs, done = {}, 0
-        total = sum(-(-len(seeds) // opts.batch_size) for seeds, _ in sets.values()) * ref_steps
+        work = {name: -(-len(seeds) // opts.batch_size) * ref_steps for name, (seeds, _) in sets.items()}
         for name, (seeds, off) in sets.items():
             refs[name] = solver.images(seeds, off, ref_steps, ref_sampler, ref_sigmas,
-                                       callback=lambda k, done=done: say(done + k, total, "reference"))
-            done += -(-len(seeds) // opts.batch_size) * ref_steps
+                                       callback=lambda k, done=done: say(done + k, sum(work.values()), "reference"))
+            done += work[name]
         if cache_file is not None:
             write_reference_cache(cache_file, key, refs, f"{ref_sampler}:{ref_steps}", Path(opts.model).name)
             log(f"reference kept in {cache_file} for the next tune of this model")
@@ -465,7 +462,7 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     # on more seeds or against another reference)
     start = list(previous.sigmas) if start_family == "tuned" else list(fixed[start_family])
     start[0] = top  # every family starts at the schedule's top; only rounding could differ
-    log(f"fixed families on the training seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in train_distance.items())
+    log("fixed families on the training seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in train_distance.items())
         + f"; the search starts from {start_family}")
 
     def objective(sig: list[float]) -> float:

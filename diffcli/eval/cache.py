@@ -28,10 +28,10 @@ from typing import Callable
 
 import torch
 
+from diffcli.digest import tensors_sha256 as weights_digest
 from diffcli.files import checkpoint
 from diffcli.errors import InputError
 from diffcli.eval import classifier, metrics
-from diffcli.eval.features import weights_digest
 from diffcli.eval.metrics import Gaussian
 from diffcli.validate import Invalid, check_names, check_record, field
 

@@ -18,8 +18,6 @@ stand-in for the package that is removed again afterwards.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -33,6 +31,8 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from diffcli.digest import tensor_memory as _memory
+from diffcli.digest import tensors_sha256 as weights_digest
 from diffcli.errors import InputError, UsageError
 from diffcli.eval import classifier
 
@@ -64,14 +64,6 @@ def tensor_image(pixels: torch.Tensor) -> Image.Image:
     C, H, W = pixels.shape
     hwc = pixels.permute(1, 2, 0).contiguous()
     return Image.frombytes("L" if C == 1 else "RGB", (W, H), bytes(_memory(hwc))).convert("RGB")
-
-
-def _memory(t: torch.Tensor) -> ctypes.Array:
-    """The bytes of a contiguous CPU tensor, as a buffer over its own memory (not its storage's, which
-    may hold a whole batch; and without bytes(storage), which copies one byte at a time). The caller
-    keeps t alive while the buffer is used."""
-    assert t.is_contiguous() and t.device.type == "cpu"
-    return (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,17 +124,6 @@ class InceptionFeatures(FeatureNet):
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         (f,) = self.net(pixels.to(self.device))  # torch-fidelity's forward takes uint8 (B, 3, H, W)
         return f.float().cpu(), None
-
-
-def weights_digest(tensors: dict[str, torch.Tensor], recipe: str) -> str:
-    """SHA-256 of a recipe name and every tensor's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256(recipe.encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
-        if t.numel():
-            h.update(_memory(t))
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
