@@ -352,10 +352,11 @@ def tune(
     reference_cache: Optional[Path] = typer.Option(None, "--reference-cache", help="A .safetensors file that keeps the reference solves: the next tune of the same model, seeds and reference reads them instead (a many-step reference is most of a tune's time)."),
     max_evaluations: int = typer.Option(200, "--max-evaluations", help="N-step solves of the training seeds the search may spend."),
     start: Optional[str] = typer.Option(None, "--start", help="Where the search starts: edm, karras, none, or tuned (continue from the file's entry for this sampler and step count).", show_default="the best fixed family on the training seeds"),
-    guidance_interval: bool = typer.Option(False, "--guidance-interval", help="Also find where guidance is needed (needs --real); stored with the sigmas."),
-    real: Optional[Path] = typer.Option(None, "--real", help="With --guidance-interval: the class folder whose classifier (as diffcli eval) judges the samples."),
-    interval_images: int = typer.Option(200, "--interval-images", help="With --guidance-interval: images per accuracy check."),
-    accuracy_tolerance: float = typer.Option(1.0, "--accuracy-tolerance", help="With --guidance-interval: percentage points of class accuracy the interval may cost."),
+    guidance_interval: bool = typer.Option(False, "--guidance-interval", help="Also find where guidance is needed, judged by the distance to the reference (or, with --real, by class accuracy); stored with the sigmas."),
+    distance_tolerance: float = typer.Option(2.0, "--distance-tolerance", help="With --guidance-interval and no --real: percent the interval may add to the distance with guidance at every step."),
+    real: Optional[Path] = typer.Option(None, "--real", help="With --guidance-interval: judge by class accuracy instead, by the classifier diffcli eval trains on this class folder."),
+    interval_images: int = typer.Option(200, "--interval-images", help="With --guidance-interval --real: images per accuracy check."),
+    accuracy_tolerance: float = typer.Option(1.0, "--accuracy-tolerance", help="With --guidance-interval --real: percentage points of class accuracy the interval may cost."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the tuned model file here (a copy with the result in its metadata)."),
     in_place: bool = typer.Option(False, "--in-place", help="Store the result in MODEL itself (atomically)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
@@ -384,12 +385,15 @@ def tune(
                            max_evaluations=max_evaluations, start=start,
                            reference_cache=str(reference_cache) if reference_cache else None, guidance_interval=guidance_interval,
                            real=str(real) if real else None, interval_images=interval_images,
-                           accuracy_tolerance=accuracy_tolerance, out=str(out) if out else None, in_place=in_place,
+                           accuracy_tolerance=accuracy_tolerance, distance_tolerance=distance_tolerance, out=str(out) if out else None, in_place=in_place,
                            overwrite=overwrite, batch_size=batch_size, device=device,
                            cache=str(cache) if cache else None)
         with Progress("tuning", quiet=quiet, log_every=log_every, json_command="tune" if json_out else None) as bar:
             result = run_tune(opts, log=bar.log, progress=lambda i, n, task: bar.update(i, n, task=task))
-            if result.stored_before:
+            if result.stored and result.stored_before:
+                bar.log(f"the stored sigmas stay (the search's {result.distance['tuned']:.4f} is no closer than their "
+                        f"{result.distance['stored']:.4f}); their guidance interval is stored in {result.stored}")
+            elif result.stored_before:
                 bar.log(f"the tuned sigmas ({result.distance['tuned']:.4f}) are no closer than the ones {model} holds "
                         f"({result.distance['stored']:.4f}) on the validation seeds: nothing stored")
             elif not result.better:

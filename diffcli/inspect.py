@@ -239,6 +239,8 @@ def tuned_lines(inspection: Inspection) -> list[str]:
                 f" (fixed: {vs})")
         if t.guidance_interval is not None:
             line += f"; guidance interval {t.guidance_interval[0]:.4g} to {t.guidance_interval[1]:.4g}"
+            if t.interval_distance.get("interval") is not None:
+                line += f" (distance {t.interval_distance['interval']:.4f} with it)"
         out.append(line)
     return out
 

@@ -32,7 +32,7 @@ _INFO = (
 )
 
 _TUNED = ("sampler", "steps", "sigmas", "guidance", "reference", "distance", "seeds", "validation_seeds")
-_TUNED_OPTIONAL = ("guidance_interval", "accuracy")
+_TUNED_OPTIONAL = ("guidance_interval", "accuracy", "interval_distance")
 
 SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "sample": {
@@ -85,7 +85,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "tune": {
         "result": (("model", "sampler", "steps", "guidance", "reference", "seeds", "validation_seeds", "sigmas",
                     "train_distance", "distance", "best_fixed", "improvement", "start", "better", "stored", "evaluations",
-                    "seconds", "stored_before"), ("guidance_interval", "accuracy", "interval_seconds")),
+                    "seconds", "stored_before"), ("guidance_interval", "guided_steps", "accuracy", "interval_seconds",
+                                                   "interval_distance")),
         "progress": _PROGRESS,
         "error": _ERROR,
     },

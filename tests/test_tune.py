@@ -121,6 +121,20 @@ def test_narrowest_window_drops_steps_from_both_ends_while_accuracy_holds():
     assert tune.narrowest_window(10, measure, tolerance=5.0)[0] == (4, 6)
 
 
+def test_narrowest_window_with_a_relative_tolerance_judges_by_distance():
+    """Scores are minus distances: each dropped step of 0..2 or 8..9 adds 1% of the full distance 0.02, each
+    of 3..7 adds 50%. A 2.5% tolerance lets two cheap steps go: both from the top end, which is tried first."""
+    def measure(window):
+        first, last = window if window else (0, 9)
+        dropped = set(range(10)) - set(range(first, last + 1))
+        return -0.02 * (1 + sum(0.01 if i < 3 or i > 7 else 0.5 for i in dropped)), 0.0
+
+    window, score, _, full, _ = tune.narrowest_window(10, measure, 0.025, relative=True)
+    assert window == (2, 9) and full == -0.02 and score == pytest.approx(-0.02 * 1.02)
+    assert tune.narrowest_window(10, measure, 0.06, relative=True)[0] == (3, 7)  # all five cheap steps
+    assert tune.narrowest_window(10, measure, 0.005, relative=True)[0] is None
+
+
 def test_narrowest_window_keeps_full_guidance_when_every_step_matters():
     window, acc, _, full, _ = tune.narrowest_window(4, lambda w: (90.0 if w is None else 80.0, 1.0), 1.0)
     assert window is None and acc == full == 90.0
@@ -204,6 +218,8 @@ def test_with_sampling_changes_the_metadata_and_nothing_else(model_file, tmp_pat
     (lambda e: e.update(guidance_interval=[3.0, 1.0]), "needs LO < HI"),
     (lambda e: e.update(guidance_interval=[0.1, 1e12]), "outside the model's sigma range"),
     (lambda e: e.update(distance={"edm": "far"}), "distance.edm must be a number"),
+    (lambda e: e.update(interval_distance={"full": "near"}), "interval_distance.full must be a number"),
+    (lambda e: e.update(interval_distance=[0.1]), "interval_distance must be an object"),
     (lambda e: e.update(extra=1), "extra is not a known field"),
 ])
 def test_a_bad_tuned_entry_is_refused_naming_the_field(mutate, message):
@@ -362,6 +378,50 @@ def test_tune_replaces_a_stored_entry_only_when_closer_on_validation(model_file,
         assert "stored" not in now.distance  # the entry keeps the figures of the families, not of its forerunner
 
 
+def test_tune_guidance_interval_by_distance_stores_what_it_measured(model_file, tmp_path):
+    """Without --real the interval is judged by the distance to the reference: the stored interval
+    guides exactly the reported steps, and its validation distance is that of an independent solve."""
+    out = tmp_path / "t.safetensors"
+    res = diffcli("tune", model_file, "--steps", 6, *FAST, "--max-evaluations", 6, "--guidance-interval",
+                  "--distance-tolerance", 100, "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    (r,) = records(res)
+    assert r["better"], r  # the fixture's model: a few solves beat the fixed families (see above)
+    lo, hi = r["guidance_interval"]
+    first, last = r["guided_steps"]
+    sig = r["sigmas"]
+    assert [i + 1 for i, s in enumerate(sig[:-1]) if lo < s <= hi] == list(range(first, last + 1))
+    assert (first, last) != (1, 6)  # a 100% tolerance lets at least one end step go
+    (entry_,) = load_model(out).tuned
+    assert entry_.guidance_interval == pytest.approx((lo, hi)) and entry_.accuracy == {}
+    assert entry_.interval_distance == pytest.approx(r["interval_distance"], abs=1e-6)
+    mf = load_model(model_file)
+    solver = tune.Solver(mf, "dpm++2m", 2.0, [0, 1], 8, torch.device("cpu"))
+    val = [tune.VALIDATION_BASE + i for i in range(4)]
+    ref = solver.images(val, tune.VALIDATION_BASE, 30, "dpm++2m", registry.resolve_sigmas("dpm++2m", "auto", 30))
+    own = tune.distance(solver.images(val, tune.VALIDATION_BASE, 6, sigmas=sig, interval=(lo, hi)), ref)
+    assert own == pytest.approx(r["interval_distance"]["interval"], abs=1e-6)
+    assert r["interval_distance"]["full"] == pytest.approx(r["distance"]["tuned"], abs=1e-6)
+
+
+def test_tune_adds_an_interval_to_the_stored_sigmas_without_moving_them(model_file, tmp_path):
+    """--start tuned with no budget to move: the stored sigmas stay, and --guidance-interval stores the
+    interval found for them (the file's entry gains it; the sigmas are the same numbers)."""
+    sig = hand_sigmas(6)
+    copy = tuned_copy(model_file, tmp_path / "t.safetensors", [entry(sig)])
+    res = diffcli("tune", copy, "--steps", 6, *FAST, "--max-evaluations", 1, "--start", "tuned",
+                  "--guidance-interval", "--distance-tolerance", 100, "--in-place", "--json")
+    assert res.exit_code == 0, res.output
+    (r,) = records(res)
+    assert r["stored_before"] and not r["better"] and r["stored"] == str(copy)
+    (now,) = load_model(copy).tuned
+    assert list(now.sigmas) == pytest.approx(sig, rel=1e-12) and now.guidance_interval == pytest.approx(r["guidance_interval"])
+    assert now.interval_distance == pytest.approx(r["interval_distance"], abs=1e-6)
+    res = diffcli("tune", copy, "--steps", 6, *FAST, "--max-evaluations", 1, "--start", "tuned",
+                  "--guidance-interval", "--distance-tolerance", 100, "--in-place")
+    assert "the stored sigmas stay" in res.stderr and "guidance interval is stored" in res.stderr
+
+
 def test_tune_reports_progress_through_every_reference_step(model_file):
     """A many-step reference takes minutes: progress counts its steps over all batches of both seed sets
     (5 training seeds in batches of 4 are 2 batches, 3 validation seeds 1: 3 x 30 steps)."""
@@ -473,7 +533,8 @@ def test_an_interrupted_tune_leaves_the_model_file_untouched(model_file, monkeyp
     (["--steps", 4, "--reference", "ddpm:100"], 2, "--reference needs a deterministic sampler"),
     (["--steps", 4, "--reference", "ddim"], 2, "--reference must be SAMPLER:STEPS"),
     (["--steps", 4, "--out", "x.safetensors", "--in-place"], 2, "give either --out FILE or --in-place"),
-    (["--steps", 4, "--guidance-interval"], 2, "--guidance-interval needs --real DIR"),
+    (["--steps", 4, "--guidance-interval", "--distance-tolerance", -1], 2,
+     "--distance-tolerance must be between 0 and 100 percent, got -1.0"),
     (["--steps", 4, "--class", "zebra"], 2, "unknown class 'zebra'"),
     (["--steps", 4, "--start", "best"], 2, "--start must be one of edm, karras, none or tuned, got 'best'"),
     (["--steps", 4, "--start", "tuned"], 2, "holds no tuned dpm++2m sigmas at 4 steps (it has: none)"),

@@ -109,6 +109,7 @@ class Tuned:
     validation_seeds: int
     guidance_interval: tuple[float, float] | None = None
     accuracy: dict[str, float] = field(default_factory=dict)  # class accuracy with and without the interval
+    interval_distance: dict[str, float] = field(default_factory=dict)  # or its validation distance, when judged so
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"sampler": self.sampler, "steps": self.steps, "sigmas": list(self.sigmas),
@@ -117,6 +118,8 @@ class Tuned:
         if self.guidance_interval is not None:
             d["guidance_interval"] = list(self.guidance_interval)
             d["accuracy"] = dict(self.accuracy)
+            if self.interval_distance:
+                d["interval_distance"] = dict(self.interval_distance)
         return d
 
 
@@ -143,7 +146,8 @@ def read_tuned(value: Any, schedule: NoiseSchedule, where: str = "sampling.tuned
         at = f"{where}[{i}]"
         if not isinstance(entry, dict):
             raise Invalid(f"{at} must be an object, found {describe(entry)}")
-        lists = {k: entry[k] for k in ("sigmas", "guidance_interval", "distance", "accuracy") if k in entry}
+        lists = {k: entry[k] for k in ("sigmas", "guidance_interval", "distance", "accuracy", "interval_distance")
+                 if k in entry}
         rec = check_record({k: v for k, v in entry.items() if k not in lists}, fields, at)
         if "sigmas" not in lists:
             raise Invalid(f"{at}.sigmas is missing")
@@ -162,7 +166,8 @@ def read_tuned(value: Any, schedule: NoiseSchedule, where: str = "sampling.tuned
                 raise Invalid(f"{at}.guidance_interval: {e}") from None
         distance = check_scalars(lists.get("distance", {}), f"{at}.distance", max_items=16)
         accuracy = check_scalars(lists.get("accuracy", {}), f"{at}.accuracy", max_items=16)
-        for name, d in (("distance", distance), ("accuracy", accuracy)):
+        near = check_scalars(lists.get("interval_distance", {}), f"{at}.interval_distance", max_items=16)
+        for name, d in (("distance", distance), ("accuracy", accuracy), ("interval_distance", near)):
             for k, v in d.items():
                 if not isinstance(v, (int, float)) or isinstance(v, bool):
                     raise Invalid(f"{at}.{name}.{k} must be a number, found {describe(v)}")
@@ -170,7 +175,7 @@ def read_tuned(value: Any, schedule: NoiseSchedule, where: str = "sampling.tuned
             raise Invalid(f"{at} repeats sampler {rec['sampler']} at {rec['steps']} steps")
         out.append(Tuned(rec["sampler"], rec["steps"], tuple(sig), rec["guidance"], rec["reference"],
                          {k: float(v) for k, v in distance.items()}, rec["seeds"], rec["validation_seeds"],
-                         interval, {k: float(v) for k, v in accuracy.items()}))
+                         interval, {k: float(v) for k, v in accuracy.items()}, {k: float(v) for k, v in near.items()}))
     return out
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -57,9 +57,10 @@ class TuneOptions:
     start: str | None = None  # edm, karras, none or tuned (the file's entry); default: the best fixed family
     reference_cache: str | None = None  # a file keeping the reference solves for the next tune of this model
     guidance_interval: bool = False  # also search where guidance is needed
-    real: str | None = None  # the class folder for the interval's classifier
+    real: str | None = None  # the class folder for the interval's classifier; None: the interval is judged by distance
     interval_images: int = 200
     accuracy_tolerance: float = 1.0  # percentage points the interval may cost
+    distance_tolerance: float = 2.0  # without --real: percent of the full-guidance distance the interval may add
     out: str | None = None
     in_place: bool = False
     overwrite: bool = False
@@ -91,15 +92,21 @@ class TuneResult:
     guidance_interval: tuple[float, float] | None = None
     accuracy: dict[str, float] | None = None
     interval_seconds: dict[str, float] | None = None
+    interval_distance: dict[str, float] | None = None  # judged by distance: validation, {full, interval}
+    interval_steps: tuple[int, int] | None = None  # the guided steps, 1-based, first and last
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("model", "sampler", "steps", "guidance", "reference", "seeds",
                                            "validation_seeds", "sigmas", "train_distance", "distance", "best_fixed",
                                            "improvement", "start", "better", "stored", "evaluations", "seconds",
                                            "stored_before")}
-        if self.accuracy is not None:
+        if self.accuracy is not None or self.interval_distance is not None:
             d.update(guidance_interval=list(self.guidance_interval) if self.guidance_interval else None,
-                     accuracy=self.accuracy, interval_seconds=self.interval_seconds)
+                     guided_steps=list(self.interval_steps) if self.interval_steps else None)
+        if self.accuracy is not None:
+            d.update(accuracy=self.accuracy, interval_seconds=self.interval_seconds)
+        if self.interval_distance is not None:
+            d.update(interval_distance=self.interval_distance)
         return d
 
 
@@ -386,15 +393,16 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
         raise UsageError(f"--start must be one of {', '.join(registry.FIXED)} or tuned, got {opts.start!r}")
     if opts.guidance is not None and (not math.isfinite(opts.guidance) or opts.guidance < 0):
         raise UsageError(f"--guidance must be >= 0, got {opts.guidance}")
-    if opts.guidance_interval:
-        if not opts.real:
-            raise UsageError("--guidance-interval needs --real DIR: the class folder whose classifier judges the samples")
+    if opts.guidance_interval and opts.real:
         if not 10 <= opts.interval_images <= 100_000:
             raise UsageError(f"--interval-images must be between 10 and 100000, got {opts.interval_images}")
         if not 0 <= opts.accuracy_tolerance <= 100:
             raise UsageError(f"--accuracy-tolerance must be between 0 and 100 points, got {opts.accuracy_tolerance}")
     elif opts.real:
         raise UsageError("--real is for --guidance-interval")
+    if opts.guidance_interval and not opts.real and not (math.isfinite(opts.distance_tolerance)
+                                                         and 0 <= opts.distance_tolerance <= 100):
+        raise UsageError(f"--distance-tolerance must be between 0 and 100 percent, got {opts.distance_tolerance}")
     dest = check_destination(opts)
     cache_file = check_reference_cache(opts.reference_cache)
     device = resolve_device(opts.device)
@@ -488,15 +496,27 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     better = dist["tuned"] < dist[best_fixed] and not stored_before
     improvement = 1 - dist["tuned"] / dist[best_fixed] if dist[best_fixed] > 0 else 0.0
 
-    interval = accuracy = seconds = None
-    if opts.guidance_interval and better:
-        interval, accuracy, seconds = search_interval(solver, opts, best, log, say)
+    # the interval: for the new sigmas, or for the stored ones when they stay (a tune of the file's entry
+    # that adds the interval it lacks, or judges it again, without moving its sigmas)
+    interval = accuracy = seconds = near = window = None
+    keep = stored_before and opts.guidance_interval
+    if better or keep:
+        sig = best if better else list(previous.sigmas)
+        if opts.guidance_interval and opts.real:
+            interval, accuracy, seconds, window = search_interval(solver, opts, sig, log, say)
+        elif opts.guidance_interval:
+            interval, near, window = interval_by_distance(solver, opts, sig, (train, ref_train), (val, ref_val), log, say)
 
     stored = None
     if better and dest is not None:
         entry = Tuned(sampler, N, tuple(best), guidance, f"{ref_sampler}:{ref_steps}",
                       {k: round(v, 6) for k, v in dist.items() if k != "stored"}, len(train), len(val), interval,
-                      accuracy or {})
+                      accuracy or {}, near or {})
+    elif keep and interval is not None and dest is not None:
+        entry = replace(previous, guidance_interval=interval, accuracy=accuracy or {}, interval_distance=near or {})
+    else:
+        entry = None
+    if entry is not None:
         kept = [t.to_dict() for t in mf.tuned if (t.sampler, t.steps) != (sampler, N)]
         if len(kept) >= registry.MAX_TUNED:
             raise UsageError(f"{opts.model} already holds {registry.MAX_TUNED} tuned entries; remove some first")
@@ -507,16 +527,20 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     return TuneResult(str(opts.model), sampler, N, guidance, f"{ref_sampler}:{ref_steps}", len(train), len(val),
                       [float(v) for v in best], train_distance, dist, best_fixed, improvement, start_family, better,
                       stored, evals,
-                      round(time.perf_counter() - started, 2), stored_before, interval, accuracy, seconds)
+                      round(time.perf_counter() - started, 2), stored_before, interval, accuracy, seconds, near,
+                      (window[0] + 1, window[1] + 1) if window else None)
 
 
 def narrowest_window(N: int, measure: Callable[[tuple[int, int] | None], tuple[float, float]], tolerance: float,
-                     step: Callable[[], None] | None = None) -> tuple[tuple[int, int] | None, float, float, float, float]:
-    """The run of guided steps first..last (0-based) to keep: measure(window) gives (accuracy, seconds) of
-    samples guided at those steps only (None: every step). Steps are dropped from the top end while the
-    accuracy stays >= full - tolerance, then from the bottom end. Returns (window, or None when no step
-    could go; accuracy and seconds with it; accuracy and seconds with full guidance)."""
+                     step: Callable[[], None] | None = None, relative: bool = False
+                     ) -> tuple[tuple[int, int] | None, float, float, float, float]:
+    """The run of guided steps first..last (0-based) to keep: measure(window) gives (score, seconds) of
+    samples guided at those steps only (None: every step); a higher score is better (class accuracy, or
+    minus the distance to the reference). Steps are dropped from the top end while the score stays
+    >= full - tolerance (relative: tolerance times |full|), then from the bottom end. Returns (window, or
+    None when no step could go; score and seconds with it; score and seconds with full guidance)."""
     full, full_s = measure(None)
+    floor = full - (tolerance * abs(full) if relative else tolerance)
     first, last, acc, acc_s = 0, N - 1, full, full_s
     for end in ("top", "bottom"):
         while first < last:
@@ -524,7 +548,7 @@ def narrowest_window(N: int, measure: Callable[[tuple[int, int] | None], tuple[f
             a, secs = measure(cand)
             if step:
                 step()
-            if a < full - tolerance:
+            if a < floor:
                 break
             (first, last), acc, acc_s = cand, a, secs
     if (first, last) == (0, N - 1):
@@ -532,11 +556,50 @@ def narrowest_window(N: int, measure: Callable[[tuple[int, int] | None], tuple[f
     return (first, last), acc, acc_s, full, full_s
 
 
-def search_interval(solver: Solver, opts: TuneOptions, sig: list[float], log: Log,
-                    say: Progress) -> tuple[tuple[float, float] | None, dict[str, float], dict[str, float]]:
+def interval_by_distance(solver: Solver, opts: TuneOptions, sig: list[float],
+                         train: tuple[list[int], torch.Tensor], val: tuple[list[int], torch.Tensor], log: Log,
+                         say: Progress) -> tuple[tuple[float, float] | None, dict[str, float] | None,
+                                                 tuple[int, int] | None]:
+    """narrowest_window judged by the distance to the reference, with no data and no classifier: guided
+    steps are dropped from each end while the training seeds' distance stays within --distance-tolerance
+    percent of its value with guidance at every step. The reference is a full-guidance solve, so samples
+    that stay this close to it keep what guidance does to them; the steps that go are those whose
+    guidance changes the result least (on the shipped model: the first, from pure noise, and the last
+    few, where the image is already decided). Returns (interval or None, the validation distance with full
+    guidance and with the interval, the window)."""
+    N = len(sig) - 1
+    seeds, ref = train
+
+    def measure(window: tuple[int, int] | None) -> tuple[float, float]:
+        imgs = solver.images(seeds, 0, N, sigmas=sig, interval=_guided_window(sig, *window) if window else None)
+        return -distance(imgs, ref), 0.0
+
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        say(done[0], N, "interval")
+
+    window, near, _, full, _ = narrowest_window(N, measure, opts.distance_tolerance / 100, step, relative=True)
+    if window is None:
+        log(f"guidance interval: every step needs guidance (leaving out any end step moves the samples more than "
+            f"{opts.distance_tolerance:g}% further from the reference)")
+        return None, None, None
+    lo, hi = _guided_window(sig, *window)
+    seeds_v, ref_v = val
+    on_val = {"full": distance(solver.images(seeds_v, VALIDATION_BASE, N, sigmas=sig), ref_v),
+              "interval": distance(solver.images(seeds_v, VALIDATION_BASE, N, sigmas=sig, interval=(lo, hi)), ref_v)}
+    log(f"guidance interval: sigma {lo:.4g} to {hi:.4g} (steps {window[0] + 1}-{window[1] + 1} of {N} guided); distance "
+        f"{-near:.4f} against {-full:.4f} with guidance at every step on the training seeds, {on_val['interval']:.4f} "
+        f"against {on_val['full']:.4f} on the validation seeds")
+    return (lo, hi), {k: round(v, 6) for k, v in on_val.items()}, window
+
+
+def search_interval(solver: Solver, opts: TuneOptions, sig: list[float], log: Log, say: Progress
+                    ) -> tuple[tuple[float, float] | None, dict[str, float], dict[str, float], tuple[int, int] | None]:
     """narrowest_window on the tune set's samples, judged by diffcli eval's classifier of --real. Returns
     (interval or None when every step needs guidance, accuracy in percent {full, interval}, sampling
-    seconds of both)."""
+    seconds of both, the window)."""
     from diffcli.eval.evaluate import Evaluator
 
     evaluator = Evaluator.prepare(opts.real, "auto", cache_dir=opts.cache, device=solver.device,
@@ -568,11 +631,11 @@ def search_interval(solver: Solver, opts: TuneOptions, sig: list[float], log: Lo
     seconds = {"full": round(full_s, 2), "interval": round(secs, 2)}
     if window is None:
         log(f"guidance interval: every step needs guidance (accuracy {full:.1f}% with it)")
-        return None, accuracy, seconds
+        return None, accuracy, seconds, None
     lo, hi = _guided_window(sig, *window)
     log(f"guidance interval: sigma {lo:.4g} to {hi:.4g} (steps {window[0] + 1}-{window[1] + 1} of {N}); class accuracy "
         f"{acc:.1f}% against {full:.1f}% with guidance at every step")
-    return (lo, hi), accuracy, seconds
+    return (lo, hi), accuracy, seconds, window
 
 
 def table(result: TuneResult) -> Any:
@@ -595,10 +658,15 @@ def table(result: TuneResult) -> Any:
         elif name == result.best_fixed:
             note = "best fixed"
         tab.add_row(name, f"{result.train_distance[name]:.4f}", f"{result.distance[name]:.4f}", note)
+    gi = result.guidance_interval
+    where = f"sigma {gi[0]:.4g} to {gi[1]:.4g}" if gi else "every step"
+    if result.interval_steps:
+        where += f" (steps {result.interval_steps[0]}-{result.interval_steps[1]} of {result.steps} guided)"
     if result.accuracy is not None:
-        gi = result.guidance_interval
-        where = f"sigma {gi[0]:.4g} to {gi[1]:.4g}" if gi else "every step"
         tab.caption = (f"guidance interval: {where}; class accuracy {result.accuracy['interval']:.1f}% "
                        f"(full guidance {result.accuracy['full']:.1f}%); sampling {result.interval_seconds['interval']:.1f} s "
                        f"vs {result.interval_seconds['full']:.1f} s")
+    elif result.interval_distance is not None:
+        tab.caption = (f"guidance interval: {where}; validation distance {result.interval_distance['interval']:.4f} "
+                       f"(full guidance {result.interval_distance['full']:.4f})")
     return tab

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from diffcli import atomic
+from diffcli.digest import tensor_memory
 from diffcli.errors import InputError
 
 
@@ -29,9 +30,11 @@ def from_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def to_pil(img: torch.Tensor) -> Image.Image:
     """One uint8 (H, W, C) image -> PIL, grayscale 'L' for one channel, 'RGB' for three."""
-    arr = img.contiguous().clone()  # own storage, exactly H*W*C bytes (numpy is not a dependency)
+    arr = img.contiguous()
     H, W, C = arr.shape
-    return Image.frombytes("L" if C == 1 else "RGB", (W, H), bytes(arr.untyped_storage()))
+    # frombytes copies the buffer, so arr need only live through this call (numpy is not a dependency;
+    # bytes(storage) would copy one byte at a time, and the storage may be a whole batch's)
+    return Image.frombytes("L" if C == 1 else "RGB", (W, H), bytes(tensor_memory(arr)))
 
 
 def make_grid(images: torch.Tensor, ncols: int | None = None, pad: int = 2, pad_value: int = 0) -> torch.Tensor:
