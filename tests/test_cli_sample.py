@@ -48,6 +48,14 @@ def pixels(path: Path) -> bytes:
         return im.tobytes()
 
 
+def same_image(a: Path, b: Path) -> bool:
+    """The same picture made in batches of different sizes: the noise is bit-identical, but the CPU's
+    matrix library may round a batch of 4 and a batch of 1 differently in the last bit, which can move
+    a pixel by one level (README, "Reproducible seeds"); another seed differs everywhere."""
+    pa, pb = pixels(a), pixels(b)
+    return len(pa) == len(pb) and max(abs(x - y) for x, y in zip(pa, pb)) <= 1
+
+
 def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
     """name -> (inode, mtime_ns, bytes) of every file, hidden ones (temporary files) included."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
@@ -229,8 +237,8 @@ def test_image_i_has_seed_s_plus_i(tmp_path, rgb):
     a = diffcli("sample", "-c", rgb, "--steps", 8, "--seed", 5, "-n", 3, "--class", "dog", "-o", tmp_path / "a")
     b = diffcli("sample", "-c", rgb, "--steps", 8, "--seed", 6, "-n", 1, "--class", "dog", "-o", tmp_path / "b")
     assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
-    assert pixels(tmp_path / "a" / "6-0001.png") == pixels(tmp_path / "b" / "6-0000.png")
-    assert pixels(tmp_path / "a" / "5-0000.png") != pixels(tmp_path / "b" / "6-0000.png")
+    assert same_image(tmp_path / "a" / "6-0001.png", tmp_path / "b" / "6-0000.png")
+    assert not same_image(tmp_path / "a" / "5-0000.png", tmp_path / "b" / "6-0000.png")
 
 
 def test_batch_size_does_not_change_the_pixels(tmp_path, rgb):
@@ -240,7 +248,7 @@ def test_batch_size_does_not_change_the_pixels(tmp_path, rgb):
         assert result.exit_code == 0, result.output
     for i in range(5):
         name = f"{i}-{i:04d}.png"
-        assert pixels(tmp_path / "b1" / name) == pixels(tmp_path / "b8" / name), name
+        assert same_image(tmp_path / "b1" / name, tmp_path / "b8" / name), name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +317,8 @@ def test_skip_existing_makes_only_the_missing_images(tmp_path, rgb):
     assert (summary["kind"], summary["images"], summary["skipped"], summary["grid"]) == ("summary", 1, 3, str(grid))
     after = snapshot(out)
     assert {n: after[n] for n in kept} == kept  # same inode, mtime and bytes: untouched
-    assert pixels(out / "21-0001.png") == original  # regenerated from its own seed
+    regenerated = pixels(out / "21-0001.png")  # from its own seed, alone rather than in a batch of 4
+    assert max(abs(x - y) for x, y in zip(regenerated, original)) <= 1, "see same_image"
     assert set(after) == set(kept) | {"21-0001.png"}
 
 
