@@ -51,7 +51,7 @@ def pixels(path: Path) -> bytes:
 def same_image(a: Path, b: Path) -> bool:
     """The same picture made in batches of different sizes: the noise is bit-identical, but the CPU's
     matrix library may round a batch of 4 and a batch of 1 differently in the last bit, which can move
-    a pixel by one level (README, "Reproducible seeds"); another seed differs everywhere."""
+    a pixel by one level (README, "Reproducible seeds"); another seed gives another picture."""
     pa, pb = pixels(a), pixels(b)
     return len(pa) == len(pb) and max(abs(x - y) for x, y in zip(pa, pb)) <= 1
 
