@@ -564,8 +564,8 @@ def interval_by_distance(solver: Solver, opts: TuneOptions, sig: list[float],
     steps are dropped from each end while the training seeds' distance stays within --distance-tolerance
     percent of its value with guidance at every step. The reference is a full-guidance solve, so samples
     that stay this close to it keep what guidance does to them; the steps that go are those whose
-    guidance changes the result least (on the shipped model: the first, from pure noise, and the last
-    few, where the image is already decided). Returns (interval or None, the validation distance with full
+    guidance changes the result least (on the shipped model's 16 steps: the last 4, where the image is
+    already decided). Returns (interval or None, the validation distance with full
     guidance and with the interval, the window)."""
     N = len(sig) - 1
     seeds, ref = train
