@@ -500,12 +500,13 @@ def tune(opts: TuneOptions, log: Log | None = None, progress: Progress | None = 
     # that adds the interval it lacks, or judges it again, without moving its sigmas)
     interval = accuracy = seconds = near = window = None
     keep = stored_before and opts.guidance_interval
-    if better or keep:
-        sig = best if better else list(previous.sigmas)
-        if opts.guidance_interval and opts.real:
+    if opts.guidance_interval and (better or keep):
+        sig, sig_val = (best, dist["tuned"]) if better else (list(previous.sigmas), dist["stored"])
+        if opts.real:
             interval, accuracy, seconds, window = search_interval(solver, opts, sig, log, say)
-        elif opts.guidance_interval:
-            interval, near, window = interval_by_distance(solver, opts, sig, (train, ref_train), (val, ref_val), log, say)
+        else:
+            interval, near, window = interval_by_distance(solver, opts, sig, (train, ref_train), (val, ref_val),
+                                                          sig_val, log, say)
 
     stored = None
     if better and dest is not None:
@@ -557,16 +558,17 @@ def narrowest_window(N: int, measure: Callable[[tuple[int, int] | None], tuple[f
 
 
 def interval_by_distance(solver: Solver, opts: TuneOptions, sig: list[float],
-                         train: tuple[list[int], torch.Tensor], val: tuple[list[int], torch.Tensor], log: Log,
-                         say: Progress) -> tuple[tuple[float, float] | None, dict[str, float] | None,
+                         train: tuple[list[int], torch.Tensor], val: tuple[list[int], torch.Tensor],
+                         val_full: float, log: Log, say: Progress) -> tuple[tuple[float, float] | None, dict[str, float] | None,
                                                  tuple[int, int] | None]:
     """narrowest_window judged by the distance to the reference, with no data and no classifier: guided
     steps are dropped from each end while the training seeds' distance stays within --distance-tolerance
     percent of its value with guidance at every step. The reference is a full-guidance solve, so samples
     that stay this close to it keep what guidance does to them; the steps that go are those whose
     guidance changes the result least (on the shipped model's 16 steps: the last 4, where the image is
-    already decided). Returns (interval or None, the validation distance with full
-    guidance and with the interval, the window)."""
+    already decided). val_full: the validation distance of sig with guidance at every step, which tune
+    has measured already. Returns (interval or None, the validation distance with full guidance and
+    with the interval, the window)."""
     N = len(sig) - 1
     seeds, ref = train
 
@@ -587,7 +589,7 @@ def interval_by_distance(solver: Solver, opts: TuneOptions, sig: list[float],
         return None, None, None
     lo, hi = _guided_window(sig, *window)
     seeds_v, ref_v = val
-    on_val = {"full": distance(solver.images(seeds_v, VALIDATION_BASE, N, sigmas=sig), ref_v),
+    on_val = {"full": val_full,
               "interval": distance(solver.images(seeds_v, VALIDATION_BASE, N, sigmas=sig, interval=(lo, hi)), ref_v)}
     log(f"guidance interval: sigma {lo:.4g} to {hi:.4g} (steps {window[0] + 1}-{window[1] + 1} of {N} guided); distance "
         f"{-near:.4f} against {-full:.4f} with guidance at every step on the training seeds, {on_val['interval']:.4f} "

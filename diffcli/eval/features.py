@@ -31,9 +31,9 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from diffcli.digest import tensor_memory as _memory
 from diffcli.digest import tensors_sha256 as weights_digest
 from diffcli.errors import InputError, UsageError
+from diffcli.files.images import to_pil
 from diffcli.eval import classifier
 
 INCEPTION_ENV = "DIFFCLI_INCEPTION_WEIGHTS"
@@ -61,9 +61,7 @@ def prepare(im: Image.Image, size: int, channels: int) -> torch.Tensor:
 
 def tensor_image(pixels: torch.Tensor) -> Image.Image:
     """One uint8 (C, H, W) image (C = 1 or 3) as a PIL RGB image."""
-    C, H, W = pixels.shape
-    hwc = pixels.permute(1, 2, 0).contiguous()
-    return Image.frombytes("L" if C == 1 else "RGB", (W, H), bytes(_memory(hwc))).convert("RGB")
+    return to_pil(pixels.permute(1, 2, 0)).convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------------
